@@ -1,0 +1,3 @@
+"""RelayMD: multi-day molecular dynamics as logical jobs that hop between short-lived GPU workers."""
+
+__version__ = "0.1.0"

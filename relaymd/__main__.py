@@ -1,0 +1,5 @@
+"""`python -m relaymd` runs the CLI."""
+
+from relaymd.cli import main
+
+main()

@@ -1,0 +1,344 @@
+"""The `relaymd` command: bare `relaymd` opens the console; subcommands serve and script it.
+
+Client subcommands talk to a running orchestrator over HTTP only (they never open the SQLite
+file). Exit codes: 0 success, 1 refused or failed operation, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import yaml
+from click_default_group import DefaultGroup
+from pydantic import BaseModel, ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from relaymd import __version__
+from relaymd.client import ApiError, Client, discover_token, discover_url
+from relaymd.config import ConfigError, Settings, load_settings
+from relaymd.models import BundleSpec, Job, JobCreate, JobStatus, Worker
+
+STATUS_STYLE = {
+    "queued": "yellow", "assigned": "cyan", "running": "green", "completed": "bold green",
+    "failed": "bold red", "cancelled": "dim", "idle": "cyan", "busy": "green", "stale": "red",
+    "provisioning": "yellow", "quarantined": "bold red", "gone": "dim",
+}
+
+
+def die(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"relaymd: {message}", err=True)
+    sys.exit(code)
+
+
+def settings_of(ctx: click.Context, **overrides: Any) -> Settings:
+    obj = ctx.find_root().obj or {}
+    try:
+        return load_settings(obj.get("config"), {**obj.get("overrides", {}), **overrides})
+    except ConfigError as exc:
+        die(str(exc), 2)
+
+
+def client_of(ctx: click.Context, url: str | None) -> Client:
+    settings = settings_of(ctx, url=url)
+    return Client(discover_url(settings), discover_token(settings))
+
+
+def call(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except ApiError as exc:
+        die(exc.message)
+
+
+def emit_json(value: BaseModel | list[BaseModel]) -> None:
+    if isinstance(value, list):
+        data: Any = [v.model_dump(mode="json", by_alias=True) for v in value]
+    else:
+        data = value.model_dump(mode="json", by_alias=True)
+    click.echo(json.dumps(data, indent=2))
+
+
+def age(when: datetime | None, now: datetime | None = None) -> str:
+    if when is None:
+        return "-"
+    seconds = max(0, int(((now or datetime.now(UTC)) - when).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def progress_text(job: Job) -> str:
+    p = job.progress
+    if p is None:
+        return "-"
+    if p.total:
+        return f"{100 * p.done / p.total:5.1f}% {p.done:g}/{p.total:g} {p.unit}"
+    return f"{p.done:g} {p.unit}"
+
+
+def styled(status: str) -> str:
+    style = STATUS_STYLE.get(status, "")
+    return f"[{style}]{status}[/]" if style else status
+
+
+url_option = click.option("--url", help="orchestrator URL (default: the one of this RELAYMD_HOME)")
+json_option = click.option("--json", "as_json", is_flag=True, help="stable JSON output")
+
+
+@click.group(cls=DefaultGroup, default="console", default_if_no_args=True)
+@click.option("--config", type=click.Path(path_type=Path), help="config file (RELAYMD_CONFIG)")
+@click.version_option(__version__, prog_name="relaymd")
+@click.pass_context
+def main(ctx: click.Context, config: Path | None) -> None:
+    """RelayMD: molecular dynamics jobs that hop between short-lived GPU workers."""
+    ctx.obj = {"config": config, "overrides": {}}
+
+
+@main.command()
+@click.option("--host", help="interface to listen on (default 127.0.0.1)")
+@click.option("--port", type=int, help="port to listen on (default 8765)")
+@click.pass_context
+def console(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """Open the operator console hosting the orchestrator (the default command)."""
+    # The Textual console arrives with its own issue; until then the bare command serves.
+    ctx.invoke(serve, host=host, port=port)
+
+
+@main.command()
+@click.option("--host", help="interface to listen on (default 127.0.0.1)")
+@click.option("--port", type=int, help="port to listen on (default 8765)")
+@click.pass_context
+def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """Run the orchestrator headless until SIGINT/SIGTERM."""
+    from relaymd.server.orchestrator import (
+        OrchestratorError,
+        serve_until_signalled,
+        setup_file_logging,
+    )
+
+    settings = settings_of(ctx, host=host, port=port)
+    setup_file_logging(settings.log_path)
+    try:
+        asyncio.run(serve_until_signalled(settings))
+    except OrchestratorError as exc:
+        die(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
+def bundle_spec_for(src: Path, command: str | None, checkpoint: tuple[str, ...],
+                    gpus: int | None, max_attempts: int | None) -> dict[str, Any]:
+    """relaymd.yaml contents: the directory's own file with the command-line flags on top."""
+    path = src / "relaymd.yaml"
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            die(f"{path}: not valid YAML: {exc}", 2)
+        if not isinstance(loaded, dict):
+            die(f"{path}: expected a mapping", 2)
+        data = loaded
+    elif command is None:
+        die(f"{src} has no relaymd.yaml; pass --command (and --checkpoint) to write one", 2)
+    if command is not None:
+        data["command"] = command
+    if checkpoint:
+        data.setdefault("checkpoint", {})["paths"] = list(checkpoint)
+    if gpus is not None:
+        data.setdefault("resources", {})["gpus"] = gpus
+    if max_attempts is not None:
+        data["max_attempts"] = max_attempts
+    try:
+        BundleSpec.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        die(f"{path}: {field}: {first['msg']}", 2)
+    return data
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--title", default=None, help="a name for the job (default: the directory name)")
+@click.option("--command", "command", help="engine command, run in the job dir")
+@click.option("--checkpoint", multiple=True, help="glob of checkpoint files (repeatable)")
+@click.option("--gpus", type=click.IntRange(0, 64), help="GPUs the job needs")
+@click.option("--max-attempts", type=click.IntRange(1, 1000), help="engine failures allowed")
+@click.option("--priority", type=click.IntRange(-1000, 1000), default=0, show_default=True)
+@url_option
+@json_option
+@click.pass_context
+def submit(ctx: click.Context, directory: Path, title: str | None, command: str | None,
+           checkpoint: tuple[str, ...], gpus: int | None, max_attempts: int | None,
+           priority: int, url: str | None, as_json: bool) -> None:
+    """Pack DIRECTORY into a bundle, upload it and queue the job."""
+    from relaymd.storage.bundle import BundleError, pack_directory
+
+    spec = bundle_spec_for(directory, command, checkpoint, gpus, max_attempts)
+    job_id = uuid.uuid4().hex
+    with client_of(ctx, url) as client, tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(tmp) / "bundle.tar.gz"
+        try:
+            info = pack_directory(directory, bundle, extra_files={
+                "relaymd.yaml": yaml.safe_dump(spec, sort_keys=False).encode()})
+        except BundleError as exc:
+            die(f"{directory}: {exc}")
+        if not as_json:
+            click.echo(f"uploading {directory} ({info.size / 1e6:.1f} MB, {info.members} files)",
+                       err=True)
+        call(lambda: client.upload_bundle(job_id, bundle))
+        job = call(lambda: client.create_job(JobCreate(
+            id=job_id, title=title if title is not None else directory.resolve().name,
+            max_attempts=max_attempts, gpus=gpus, priority=priority)))
+    if as_json:
+        emit_json(job)
+    else:
+        click.echo(f"submitted job {job.id[:8]} ({job.title}): {job.status}")
+
+
+def jobs_table(jobs: list[Job]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("ID", "TITLE", "STATUS", "PROGRESS", "ATT", "CKPT", "WORKER", "AGE", "LAST CKPT"):
+        table.add_column(col, no_wrap=col != "TITLE", overflow="ellipsis")
+    for j in jobs:
+        table.add_row(j.id[:8], j.title, styled(j.status), progress_text(j),
+                      f"{j.attempt}", f"{j.checkpoints}", (j.worker_id or "-")[:8],
+                      age(j.created_at), age(j.last_checkpoint_at))
+    return table
+
+
+@main.command()
+@click.option("--status", "statuses", multiple=True,
+              type=click.Choice([s.value for s in JobStatus]), help="only these states")
+@url_option
+@json_option
+@click.pass_context
+def jobs(ctx: click.Context, statuses: tuple[str, ...], url: str | None, as_json: bool) -> None:
+    """List jobs."""
+    with client_of(ctx, url) as client:
+        listed = call(lambda: client.all_jobs(list(statuses) or None))
+    if as_json:
+        emit_json(listed)
+    elif not listed:
+        click.echo("no jobs")
+    else:
+        Console().print(jobs_table(listed))
+
+
+@main.command()
+@click.argument("job_ref")
+@url_option
+@json_option
+@click.pass_context
+def job(ctx: click.Context, job_ref: str, url: str | None, as_json: bool) -> None:
+    """Show one job (a unique id prefix is enough): state, checkpoints, history."""
+    with client_of(ctx, url) as client:
+        detail = call(lambda: client.get_job(job_ref))
+    if as_json:
+        emit_json(detail)
+        return
+    out = Console()
+    out.print(f"[bold]job {detail.id}[/]  {detail.title}")
+    out.print(f"  status     {styled(detail.status)}   attempt {detail.attempt}   "
+              f"failures {detail.failures}/{detail.max_attempts}")
+    out.print(f"  command    {detail.command}")
+    out.print(f"  progress   {progress_text(detail)}")
+    out.print(f"  worker     {detail.worker_id or '-'}")
+    out.print(f"  created    {detail.created_at:%Y-%m-%d %H:%M:%S} UTC ({age(detail.created_at)} ago)")
+    if detail.last_failure:
+        f = detail.last_failure
+        out.print(f"  last failure (attempt {f.attempt}, exit {f.exit_code}): {f.reason}")
+        for line in f.log_tail.splitlines()[-10:]:
+            out.print(f"    | {line}", markup=False, highlight=False)
+    if detail.checkpoint_list:
+        table = Table("SEQ", "SIZE", "ATTEMPT", "WORKER", "AGE", box=None, header_style="bold")
+        for c in detail.checkpoint_list:
+            table.add_row(str(c.seq), f"{c.size / 1e6:.2f} MB", str(c.attempt), c.worker_id[:8],
+                          age(c.created_at))
+        out.print("  checkpoints")
+        out.print(table)
+    table = Table("TIME", "EVENT", "FROM", "TO", "ATT", "WORKER", "REASON", box=None,
+                  header_style="bold")
+    for e in detail.events:
+        table.add_row(f"{e.at:%m-%d %H:%M:%S}", e.kind, e.from_status or "-", e.to_status or "-",
+                      str(e.attempt or "-"), (e.worker_id or "-")[:8], e.reason)
+    out.print("  events")
+    out.print(table)
+
+
+def _transition(ctx: click.Context, job_ref: str, url: str | None, as_json: bool,
+                verb: str, fn: Callable[[Client, str], Job]) -> None:
+    with client_of(ctx, url) as client:
+        changed = call(lambda: fn(client, job_ref))
+    if as_json:
+        emit_json(changed)
+    else:
+        click.echo(f"{verb} job {changed.id[:8]}: {changed.status}")
+
+
+@main.command()
+@click.argument("job_ref")
+@url_option
+@json_option
+@click.pass_context
+def cancel(ctx: click.Context, job_ref: str, url: str | None, as_json: bool) -> None:
+    """Cancel a queued or running job (its worker is told to stop)."""
+    _transition(ctx, job_ref, url, as_json, "cancelled", Client.cancel)
+
+
+@main.command()
+@click.argument("job_ref")
+@url_option
+@json_option
+@click.pass_context
+def requeue(ctx: click.Context, job_ref: str, url: str | None, as_json: bool) -> None:
+    """Put a job back in the queue (failed and cancelled jobs get a fresh failure budget)."""
+    _transition(ctx, job_ref, url, as_json, "requeued", Client.requeue)
+
+
+def workers_table(workers: list[Worker]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("ID", "CLUSTER", "HOST", "PLATFORM", "GPUS", "STATUS", "JOB", "HEARTBEAT",
+                "ALLOC LEFT"):
+        table.add_column(col, no_wrap=True, overflow="ellipsis")
+    now = datetime.now(UTC)
+    for w in workers:
+        left = "-"
+        if w.wall_time_end is not None:
+            left = age(now, w.wall_time_end) if w.wall_time_end > now else "ended"
+        table.add_row(w.id[:8], w.cluster, w.hostname, w.platform or "-",
+                      f"{w.gpus} {w.gpu_model}".strip(), styled(w.status), (w.job_id or "-")[:8],
+                      age(w.last_heartbeat_at, now), left)
+    return table
+
+
+@main.command()
+@url_option
+@json_option
+@click.pass_context
+def workers(ctx: click.Context, url: str | None, as_json: bool) -> None:
+    """List workers."""
+    with client_of(ctx, url) as client:
+        listed = call(client.workers)
+    if as_json:
+        emit_json(listed)
+    elif not listed:
+        click.echo("no workers")
+    else:
+        Console().print(workers_table(listed))
+
+
+if __name__ == "__main__":
+    main()

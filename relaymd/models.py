@@ -1,0 +1,301 @@
+"""The wire contract: pydantic types shared by the orchestrator, the worker and the CLI.
+
+Every HTTP request and response body is one of these models. Field names are the JSON keys and
+are part of the stable `--json` output documented in the README.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+JOB_ID_LENGTH = 32  # uuid4().hex
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    assigned = "assigned"
+    running = "running"
+    completed = "completed"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+LIVE_JOB_STATES = frozenset({JobStatus.queued, JobStatus.assigned, JobStatus.running})
+LEASED_JOB_STATES = frozenset({JobStatus.assigned, JobStatus.running})
+TERMINAL_JOB_STATES = frozenset({JobStatus.completed, JobStatus.failed, JobStatus.cancelled})
+
+
+class WorkerStatus(StrEnum):
+    provisioning = "provisioning"  # placeholder for an sbatch/Salad request not yet registered
+    idle = "idle"
+    busy = "busy"
+    stale = "stale"  # heartbeats stopped; its job went back to the queue
+    quarantined = "quarantined"  # failed too many jobs in a row; told to exit
+    gone = "gone"
+
+
+class Strict(BaseModel):
+    """Request bodies: unknown fields are refused so typos are loud, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def to_datetime(epoch: float | None) -> datetime | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
+
+
+# --------------------------------------------------------------------------- bundle spec
+
+
+class CheckpointSpec(Strict):
+    paths: list[str] = Field(default_factory=lambda: ["*.chk", "*.xml"], min_length=1)
+    sentinel: str | None = None
+    poll_seconds: float = Field(default=60.0, gt=0)
+
+    @field_validator("paths")
+    @classmethod
+    def _relative_globs(cls, paths: list[str]) -> list[str]:
+        for p in paths:
+            if not p or p.startswith("/") or ".." in p.split("/"):
+                raise ValueError(f"checkpoint path {p!r} must be a relative glob inside the job dir")
+        return paths
+
+
+class ResourceSpec(Strict):
+    gpus: int = Field(default=1, ge=0, le=64)
+    min_vram_gb: float = Field(default=0, ge=0)
+
+
+class BundleSpec(Strict):
+    """`relaymd.yaml` at the root of a job bundle; the worker reads the same schema."""
+
+    command: str = Field(min_length=1)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    progress: str | None = None
+    resources: ResourceSpec = Field(default_factory=ResourceSpec)
+    max_attempts: int = Field(default=3, ge=1, le=1000)
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+class Progress(BaseModel):
+    done: float = Field(ge=0)
+    total: float | None = Field(default=None, ge=0)
+    unit: str = Field(default="steps", max_length=32)
+    ns_per_day: float | None = Field(default=None, ge=0)
+
+
+class JobCreate(Strict):
+    """Create a job whose bundle was uploaded with `PUT /api/v1/jobs/{id}/bundle`."""
+
+    id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    title: str = Field(default="", max_length=200)
+    max_attempts: int | None = Field(default=None, ge=1, le=1000)
+    gpus: int | None = Field(default=None, ge=0, le=64)
+    priority: int = Field(default=0, ge=-1000, le=1000)
+
+
+class BundleUploaded(BaseModel):
+    job_id: str
+    sha256: str
+    size: int
+    spec: BundleSpec
+
+
+class Failure(BaseModel):
+    attempt: int
+    exit_code: int | None
+    reason: str
+    log_tail: str
+    at: datetime
+
+
+class CheckpointInfo(BaseModel):
+    seq: int
+    key: str
+    sha256: str
+    size: int
+    attempt: int
+    worker_id: str
+    created_at: datetime
+    progress: Progress | None = None
+
+
+class Event(BaseModel):
+    id: int
+    job_id: str | None
+    worker_id: str | None
+    kind: str
+    from_status: str | None
+    to_status: str | None
+    attempt: int | None
+    seq: int | None = None  # the checkpoint this event accepted, if any
+    reason: str
+    at: datetime
+
+
+class Job(BaseModel):
+    id: str
+    title: str
+    status: JobStatus
+    command: str
+    spec: BundleSpec
+    gpus: int
+    priority: int
+    max_attempts: int
+    attempt: int  # number of claims so far; fences every worker callback
+    failures: int  # engine failures counted against max_attempts
+    worker_id: str | None
+    bundle_sha256: str
+    bundle_size: int
+    latest_checkpoint: int | None
+    checkpoints: int
+    progress: Progress | None
+    last_failure: Failure | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    last_checkpoint_at: datetime | None
+
+
+class JobDetail(Job):
+    checkpoint_list: list[CheckpointInfo]
+    events: list[Event]
+
+
+class JobPage(BaseModel):
+    jobs: list[Job]
+    next_cursor: str | None
+
+
+class Conflict(BaseModel):
+    """Body of every 409 about a job: what the caller asked for and what the job really is."""
+
+    error: Literal["job_transition_conflict"] = "job_transition_conflict"
+    job_id: str
+    from_: JobStatus = Field(alias="from", serialization_alias="from")
+    to: str
+    attempt: int
+    message: str = ""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class ErrorBody(BaseModel):
+    error: str
+    message: str
+    details: Any = None
+
+
+# --------------------------------------------------------------------------- workers
+
+
+class WorkerRegister(Strict):
+    name: str = Field(default="", max_length=200)
+    hostname: str = Field(default="", max_length=255)
+    cluster: str = Field(default="local", max_length=100)
+    provider: str = Field(default="local", max_length=50)
+    provider_id: str | None = Field(default=None, max_length=200)  # e.g. the SLURM job id
+    platform: str = Field(default="", max_length=50)  # OpenMM platform: CUDA, OpenCL, CPU
+    gpus: int = Field(default=0, ge=0, le=64)
+    gpu_model: str = Field(default="", max_length=200)
+    vram_gb: float = Field(default=0, ge=0)
+    wall_time_end: datetime | None = None  # when the allocation ends, if known
+
+
+class WorkerRegistered(BaseModel):
+    worker_id: str
+    token: str  # this worker's own session token; every later call uses it
+    heartbeat_interval: float
+    heartbeat_timeout: float
+
+
+class Worker(BaseModel):
+    id: str
+    name: str
+    hostname: str
+    cluster: str
+    provider: str
+    provider_id: str | None
+    platform: str
+    gpus: int
+    gpu_model: str
+    vram_gb: float
+    status: WorkerStatus
+    job_id: str | None
+    consecutive_failures: int
+    registered_at: datetime
+    last_heartbeat_at: datetime | None
+    wall_time_end: datetime | None
+
+
+class Heartbeat(Strict):
+    job_id: str | None = None
+    attempt: int | None = Field(default=None, ge=1)
+    progress: Progress | None = None
+
+
+Directive = Literal["continue", "stop", "exit"]
+
+
+class HeartbeatReply(BaseModel):
+    directive: Directive = "continue"  # stop: stop the engine and hand the job back; exit: leave
+    reason: str = ""
+
+
+class Assignment(BaseModel):
+    """What a worker gets from a successful claim."""
+
+    job: Job
+    attempt: int
+    bundle_key: str
+    checkpoint_key: str | None  # newest accepted checkpoint to resume from
+    checkpoint_sha256: str | None
+
+
+class Lease(Strict):
+    attempt: int = Field(ge=1)
+
+
+class CheckpointReserved(BaseModel):
+    seq: int
+    key: str
+    manifest_key: str
+
+
+class CheckpointReport(Strict):
+    attempt: int = Field(ge=1)
+    seq: int = Field(ge=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+    progress: Progress | None = None
+
+
+class Release(Strict):
+    attempt: int = Field(ge=1)
+    reason: str = Field(default="released", max_length=500)
+    checkpoint: CheckpointReport | None = None  # its newest checkpoint, handed back with the job
+
+
+class Complete(Strict):
+    attempt: int = Field(ge=1)
+    checkpoint: CheckpointReport | None = None
+
+
+class Fail(Strict):
+    attempt: int = Field(ge=1)
+    exit_code: int | None = None
+    reason: str = Field(default="engine failed", max_length=2000)
+    log_tail: str = Field(default="", max_length=65536)
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    version: str
+    uptime_s: float

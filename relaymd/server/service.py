@@ -1,0 +1,434 @@
+"""The orchestrator's operations: what the API routes, the console and the scheduler call.
+
+Reads go to the store; every state change goes through `StateMachine`; storage calls run in
+threads. Worker liveness (heartbeat times) and progress live in memory and are flushed to the
+store by the maintenance job: a heartbeat is not a promise that anything was saved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from relaymd.config import Settings
+from relaymd.models import (
+    LEASED_JOB_STATES,
+    Assignment,
+    BundleSpec,
+    BundleUploaded,
+    CheckpointReport,
+    CheckpointReserved,
+    HeartbeatReply,
+    Job,
+    JobCreate,
+    JobDetail,
+    JobPage,
+    JobStatus,
+    Worker,
+    WorkerRegister,
+    WorkerRegistered,
+    WorkerStatus,
+)
+from relaymd.server.auth import Authenticator, hash_token, new_token
+from relaymd.server.store import Store, dumps
+from relaymd.server.transitions import JobNotFound, StateMachine, TransitionConflict
+from relaymd.server.views import job_detail, job_from_row, worker_from_row
+from relaymd.storage import (
+    ObjectNotFound,
+    Storage,
+    bundle_key,
+    checkpoint_key,
+    manifest_key,
+)
+from relaymd.storage.bundle import BundleError, inspect_bundle, read_member
+
+log = logging.getLogger(__name__)
+STORAGE_TIMEOUT = 300.0
+
+
+class BadRequest(Exception):
+    """The caller sent something unusable; the message says what and how to fix it."""
+
+    def __init__(self, message: str, code: str = "bad_request", status: int = 400) -> None:
+        super().__init__(message)
+        self.code, self.status = code, status
+
+
+class Forbidden(BadRequest):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "forbidden", 403)
+
+
+class NotFound(BadRequest):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "not_found", 404)
+
+
+def parse_bundle_spec(raw: bytes | None, where: str) -> BundleSpec:
+    if raw is None:
+        raise BadRequest(f"{where}: bundle has no relaymd.yaml at its root; "
+                         "add one or pass --command to `relaymd submit`", "invalid_bundle", 422)
+    try:
+        data = yaml.safe_load(raw) or {}
+        return BundleSpec.model_validate(data)
+    except yaml.YAMLError as exc:
+        raise BadRequest(f"{where}: relaymd.yaml is not valid YAML: {exc}", "invalid_bundle",
+                         422) from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise BadRequest(f"{where}: relaymd.yaml: {field}: {first['msg']}", "invalid_bundle",
+                         422) from None
+
+
+class Service:
+    def __init__(self, settings: Settings, store: Store, storage: Storage, auth: Authenticator,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.store = store
+        self.storage = storage
+        self.auth = auth
+        self.clock = clock
+        self.machine = StateMachine(store, clock, settings.quarantine_after)
+        self.last_seen: dict[str, float] = {}
+        self._progress: dict[str, tuple[str, int, dict[str, Any]]] = {}
+        self._pending_bundles: dict[str, BundleUploaded] = {}
+        self.listeners: list[Callable[[str], None]] = []  # the console subscribes here
+        self.started_at = clock()
+
+    def changed(self, what: str) -> None:
+        for listener in self.listeners:
+            try:
+                listener(what)
+            except Exception:  # a broken listener must never break the API
+                log.exception("change listener failed")
+
+    async def _storage(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.wait_for(asyncio.to_thread(fn, *args), STORAGE_TIMEOUT)
+
+    async def load(self) -> None:
+        """After a (re)start: restore session tokens, give live workers a full timeout."""
+        self.auth.set_sessions(await self.store.run(self.store.worker_tokens))
+        now = self.clock()
+        for w in await self.store.run(self.store.list_workers, ["idle", "busy"]):
+            self.last_seen[w["id"]] = now
+
+    # ------------------------------------------------------------------ operator: jobs
+
+    async def resolve(self, ref: str) -> str:
+        ref = ref.strip().lower()
+        if not ref or len(ref) > 32 or any(c not in "0123456789abcdef" for c in ref):
+            raise NotFound(f"no job {ref!r}: job ids are hexadecimal")
+        ids = await self.store.run(self.store.job_ids_with_prefix, ref)
+        if not ids:
+            raise NotFound(f"no job matches {ref!r}")
+        if len(ids) > 1:
+            raise BadRequest(f"job prefix {ref!r} is ambiguous; give more characters",
+                             "ambiguous_job", 409)
+        return ids[0]
+
+    async def upload_bundle(self, job_id: str, path: Path) -> BundleUploaded:
+        if await self.store.run(self.store.get_job, job_id) is not None:
+            raise BadRequest(f"job {job_id} already exists; bundles are immutable",
+                             "job_exists", 409)
+        try:
+            info = await asyncio.to_thread(inspect_bundle, path)
+            raw = await asyncio.to_thread(read_member, path, "relaymd.yaml")
+        except BundleError as exc:
+            raise BadRequest(f"job {job_id[:8]}: {exc}", "invalid_bundle", 422) from None
+        spec = parse_bundle_spec(raw, f"job {job_id[:8]}")
+        await self._storage(lambda: self.storage.put_file(bundle_key(job_id), path,
+                                                          overwrite=True))
+        uploaded = BundleUploaded(job_id=job_id, sha256=info.sha256, size=info.size, spec=spec)
+        self._pending_bundles[job_id] = uploaded
+        return uploaded
+
+    async def _bundle_for(self, job_id: str) -> BundleUploaded:
+        pending = self._pending_bundles.get(job_id)
+        if pending is not None:
+            return pending
+        # Restarted since the upload: read the spec back from storage.
+        with tempfile.TemporaryDirectory(prefix="relaymd-bundle-") as tmp:
+            local = Path(tmp) / "bundle.tar.gz"
+            try:
+                info = await self._storage(self.storage.get_file, bundle_key(job_id), local)
+            except ObjectNotFound:
+                raise BadRequest(f"job {job_id[:8]}: no bundle uploaded; "
+                                 f"PUT /api/v1/jobs/{job_id}/bundle first",
+                                 "bundle_missing", 409) from None
+            raw = await asyncio.to_thread(read_member, local, "relaymd.yaml")
+        spec = parse_bundle_spec(raw, f"job {job_id[:8]}")
+        return BundleUploaded(job_id=job_id, sha256=info.sha256, size=info.size, spec=spec)
+
+    async def create_job(self, req: JobCreate) -> Job:
+        if await self.store.run(self.store.get_job, req.id) is not None:
+            raise BadRequest(f"job {req.id} already exists", "job_exists", 409)
+        bundle = await self._bundle_for(req.id)
+        spec = bundle.spec
+        now = self.clock()
+        row = {
+            "id": req.id, "title": req.title, "status": str(JobStatus.queued),
+            "command": spec.command, "spec": dumps(spec.model_dump()),
+            "gpus": req.gpus if req.gpus is not None else spec.resources.gpus,
+            "priority": req.priority,
+            "max_attempts": req.max_attempts or spec.max_attempts,
+            "bundle_sha256": bundle.sha256, "bundle_size": bundle.size,
+            "created_at": now, "updated_at": now,
+        }
+        event = {"job_id": req.id, "kind": "submit", "to_status": "queued",
+                 "reason": "submitted", "at": now, "attempt": 0}
+        created = await self.store.run(self.store.insert_job, row, event)
+        self._pending_bundles.pop(req.id, None)
+        self.changed("jobs")
+        return job_from_row(created)
+
+    async def list_jobs(self, statuses: Sequence[str] | None, limit: int,
+                        cursor: str | None) -> JobPage:
+        after = None
+        if cursor:
+            try:
+                after = int(cursor)
+            except ValueError:
+                raise BadRequest(f"invalid cursor {cursor!r}") from None
+        rows, nxt = await self.store.run(self.store.list_jobs, statuses, limit, after)
+        return JobPage(jobs=[job_from_row(r) for r in rows],
+                       next_cursor=None if nxt is None else str(nxt))
+
+    async def get_job(self, ref: str) -> JobDetail:
+        job_id = await self.resolve(ref)
+        row = await self.store.run(self.store.get_job, job_id)
+        if row is None:
+            raise NotFound(f"no job {job_id}")
+        cps = await self.store.run(self.store.list_checkpoints, job_id)
+        events = await self.store.run(self.store.list_events, job_id)
+        live = self._progress.get(job_id)
+        return job_detail(job_from_row(row, live[2] if live else None), cps, events)
+
+    async def cancel(self, ref: str) -> Job:
+        row = await self.machine.cancel(await self.resolve(ref))
+        self.changed("jobs")
+        return job_from_row(row)
+
+    async def requeue(self, ref: str) -> Job:
+        row = await self.machine.requeue(await self.resolve(ref))
+        self.changed("jobs")
+        return job_from_row(row)
+
+    async def list_workers(self, statuses: Sequence[str] | None = None) -> list[Worker]:
+        rows = await self.store.run(self.store.list_workers, statuses)
+        return [worker_from_row(r, self.last_seen.get(r["id"])) for r in rows]
+
+    async def counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        jobs = await self.store.run(self.store.count_jobs_by_status)
+        workers = await self.store.run(self.store.count_workers_by_status)
+        return jobs, workers
+
+    # ------------------------------------------------------------------ workers
+
+    async def register(self, req: WorkerRegister) -> WorkerRegistered:
+        now = self.clock()
+        token = new_token()
+        worker_id = uuid.uuid4().hex
+        row = {
+            "id": worker_id, "name": req.name, "hostname": req.hostname,
+            "cluster": req.cluster, "provider": req.provider, "provider_id": req.provider_id,
+            "platform": req.platform, "gpus": req.gpus, "gpu_model": req.gpu_model,
+            "vram_gb": req.vram_gb, "status": str(WorkerStatus.idle), "job_id": None,
+            "token_hash": hash_token(token), "registered_at": now, "last_heartbeat_at": now,
+            "wall_time_end": req.wall_time_end.timestamp() if req.wall_time_end else None,
+        }
+        await self.store.run(self.store.insert_worker, row, {
+            "kind": "worker_register", "worker_id": worker_id, "to_status": "idle",
+            "reason": f"{req.cluster}/{req.provider} {req.hostname}".strip(), "at": now})
+        self.auth.add_session(row["token_hash"], worker_id)
+        self.last_seen[worker_id] = now
+        self.changed("workers")
+        return WorkerRegistered(worker_id=worker_id, token=token,
+                                heartbeat_interval=self.settings.heartbeat_interval,
+                                heartbeat_timeout=self.settings.heartbeat_timeout)
+
+    async def heartbeat(self, worker_id: str, job_id: str | None, attempt: int | None,
+                        progress: dict[str, Any] | None) -> HeartbeatReply:
+        self.last_seen[worker_id] = self.clock()
+        worker = await self.store.run(self.store.get_worker, worker_id)
+        if worker is None or worker["status"] == WorkerStatus.gone:
+            return HeartbeatReply(directive="exit", reason="worker is deregistered")
+        if worker["status"] == WorkerStatus.quarantined:
+            return HeartbeatReply(directive="exit",
+                                  reason="worker quarantined after repeated job failures")
+        if worker["status"] == WorkerStatus.stale:
+            await self.machine.change_worker(worker_id, "revive", "heartbeat after silence")
+            self.changed("workers")
+        if job_id is None:
+            return HeartbeatReply()
+        if attempt is None:
+            raise BadRequest("heartbeat with job_id needs its attempt")
+        job = await self.store.run(self.store.get_job, job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        holds = job["worker_id"] == worker_id and job["attempt"] == attempt
+        if holds and job["status"] == JobStatus.cancelled:
+            return HeartbeatReply(directive="stop", reason="job cancelled by operator")
+        if holds and job["status"] == JobStatus.assigned:
+            await self.machine.start(job_id, worker_id, attempt)
+            self.changed("jobs")
+        elif not (holds and job["status"] == JobStatus.running):
+            await self._check_holder(worker_id, job_id)
+            raise TransitionConflict(
+                job_id, job["status"], "running", job["attempt"],
+                f"job {job_id[:8]}: attempt {attempt} of worker {worker_id[:8]} no longer holds "
+                f"it (job is {job['status']}, attempt {job['attempt']}); stop working on it")
+        if progress is not None:
+            self._progress[job_id] = (worker_id, attempt, progress)
+        return HeartbeatReply()
+
+    async def deregister(self, worker_id: str, reason: str = "worker exited") -> None:
+        worker = await self.store.run(self.store.get_worker, worker_id)
+        if worker is None:
+            raise NotFound(f"no worker {worker_id}")
+        if worker["job_id"]:
+            job = await self.store.run(self.store.get_job, worker["job_id"])
+            if job and job["worker_id"] == worker_id and job["status"] in LEASED_JOB_STATES:
+                await self._lose(job, f"worker deregistered: {reason}")
+        if worker["status"] != WorkerStatus.gone:
+            await self.machine.change_worker(worker_id, "deregister", reason, job_id=None,
+                                             token_hash=None)
+        self.auth.drop_worker(worker_id)
+        self.last_seen.pop(worker_id, None)
+        self.changed("workers")
+
+    async def claim(self, worker_id: str, gpus: int | None = None) -> Assignment | None:
+        worker = await self.store.run(self.store.get_worker, worker_id)
+        if worker is None or worker["status"] != WorkerStatus.idle:
+            state = worker["status"] if worker else "unknown"
+            raise BadRequest(f"worker {worker_id[:8]} is {state}; only an idle worker may claim "
+                             "(finish, release or fail its job first)", "worker_not_idle", 409)
+        capacity = worker["gpus"] if gpus is None else min(gpus, worker["gpus"])
+        row = await self.machine.claim(worker_id, capacity)
+        if row is None:
+            return None
+        self.changed("jobs")
+        seq = row["latest_checkpoint"]
+        cp = await self.store.run(self.store.get_checkpoint, row["id"], seq) if seq else None
+        return Assignment(job=job_from_row(row), attempt=row["attempt"],
+                          bundle_key=bundle_key(row["id"]),
+                          checkpoint_key=cp["key"] if cp else None,
+                          checkpoint_sha256=cp["sha256"] if cp else None)
+
+    async def _check_holder(self, worker_id: str, job_id: str) -> None:
+        """403 for a job this worker never held; a lease it lost is a 409 further on."""
+        if not await self.store.run(self.store.worker_held, job_id, worker_id):
+            if await self.store.run(self.store.get_job, job_id) is None:
+                raise NotFound(f"no job {job_id}")
+            raise Forbidden(f"job {job_id[:8]} was never assigned to worker {worker_id[:8]}")
+
+    async def reserve_checkpoint(self, worker_id: str, job_id: str,
+                                 attempt: int) -> CheckpointReserved:
+        await self._check_holder(worker_id, job_id)
+        seq = await self.machine.reserve_checkpoint(job_id, worker_id, attempt)
+        return CheckpointReserved(seq=seq, key=checkpoint_key(job_id, seq),
+                                  manifest_key=manifest_key(job_id, seq))
+
+    async def _verify_uploaded(self, job_id: str, report: CheckpointReport) -> None:
+        key = checkpoint_key(job_id, report.seq)
+        try:
+            size = await self._storage(self.storage.size, key)
+        except ObjectNotFound:
+            raise BadRequest(f"job {job_id[:8]}: checkpoint {report.seq} is not in storage at "
+                             f"{key}; upload it before reporting", "checkpoint_missing",
+                             422) from None
+        if size != report.size:
+            raise BadRequest(f"job {job_id[:8]}: checkpoint {report.seq} is {size} bytes in "
+                             f"storage but the report says {report.size}",
+                             "checkpoint_size_mismatch", 422)
+
+    async def report_checkpoint(self, worker_id: str, job_id: str,
+                                report: CheckpointReport) -> Job:
+        await self._check_holder(worker_id, job_id)
+        await self._verify_uploaded(job_id, report)
+        row = await self.machine.accept_checkpoint(job_id, worker_id, report)
+        self.changed("jobs")
+        return job_from_row(row)
+
+    async def release(self, worker_id: str, job_id: str, attempt: int, reason: str,
+                      report: CheckpointReport | None) -> Job:
+        await self._check_holder(worker_id, job_id)
+        if report is not None:
+            await self._verify_uploaded(job_id, report)
+        row = await self.machine.release(job_id, worker_id, attempt, reason, report)
+        self._progress.pop(job_id, None)
+        self.changed("jobs")
+        return job_from_row(row)
+
+    async def complete(self, worker_id: str, job_id: str, attempt: int,
+                       report: CheckpointReport | None) -> Job:
+        await self._check_holder(worker_id, job_id)
+        if report is not None:
+            await self._verify_uploaded(job_id, report)
+        row = await self.machine.complete(job_id, worker_id, attempt, report)
+        self._progress.pop(job_id, None)
+        self.changed("jobs")
+        return job_from_row(row)
+
+    async def fail(self, worker_id: str, job_id: str, attempt: int, exit_code: int | None,
+                   reason: str, log_tail: str) -> Job:
+        await self._check_holder(worker_id, job_id)
+        row = await self.machine.fail(job_id, worker_id, attempt, exit_code, reason, log_tail)
+        self._progress.pop(job_id, None)
+        if row["status"] == JobStatus.failed:
+            log.warning("job %s failed for good after %s failures: %s", job_id[:8],
+                        row["failures"], reason)
+        self.changed("jobs")
+        self.changed("workers")
+        return job_from_row(row)
+
+    # ------------------------------------------------------------------ maintenance
+
+    async def _lose(self, job: dict[str, Any], reason: str) -> None:
+        try:
+            await self.machine.lose(job["id"], job["worker_id"], job["attempt"], reason)
+            log.info("job %s back to the queue: %s", job["id"][:8], reason)
+        except (TransitionConflict, JobNotFound):
+            pass  # it moved on by itself meanwhile: nothing to recover
+        self._progress.pop(job["id"], None)
+
+    async def flush(self) -> None:
+        """Write buffered liveness and progress to the store."""
+        seen = list(self.last_seen.items())
+        progress = [(j, w, a, p) for j, (w, a, p) in self._progress.items()]
+        await self.store.run(self.store.write_heartbeats, seen)
+        await self.store.run(self.store.write_progress, progress)
+
+    async def reap(self) -> int:
+        """Mark silent workers stale and put their jobs back in the queue. Returns jobs requeued."""
+        await self.flush()
+        now = self.clock()
+        cutoff = now - self.settings.heartbeat_timeout
+        requeued = 0
+        for w in await self.store.run(self.store.list_workers, ["idle", "busy"]):
+            seen = self.last_seen.setdefault(w["id"], now)
+            if seen >= cutoff:
+                continue
+            silent = now - seen
+            try:
+                await self.machine.change_worker(w["id"], "stale",
+                                                 f"no heartbeat for {silent:.0f}s", job_id=None)
+            except Exception:
+                continue
+            log.warning("worker %s is stale (no heartbeat for %.0fs)", w["id"][:8], silent)
+            self.changed("workers")
+        for job in await self.store.run(self.store.orphaned_jobs):
+            await self._lose(job, "its worker stopped heartbeating or is gone")
+            requeued += 1
+        if requeued:
+            self.changed("jobs")
+        return requeued

@@ -1,0 +1,494 @@
+"""The SQLite store: schema, migrations and every SQL statement the orchestrator runs.
+
+One connection, owned by one thread (a single-thread executor): all reads and writes are
+serialised there, so concurrent API requests never meet "database is locked", and a state change
+is one conditional UPDATE inside a `BEGIN IMMEDIATE` transaction together with its event row.
+Callers on the event loop use `await store.run(store.method, ...)`; the methods themselves are
+synchronous and refuse to run on any other thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlite_utils import Database, Migrations
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+migrations = Migrations("relaymd")
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    db.table("jobs").create(
+        {
+            "id": str, "title": str, "status": str, "command": str, "spec": str,
+            "gpus": int, "priority": int, "max_attempts": int, "attempt": int, "failures": int,
+            "worker_id": str, "bundle_sha256": str, "bundle_size": int,
+            "latest_checkpoint": int, "checkpoints": int, "next_seq": int,
+            "progress": str, "last_failure": str,
+            "created_at": float, "updated_at": float, "started_at": float,
+            "finished_at": float, "last_checkpoint_at": float,
+        },
+        pk="id",
+        not_null={"status", "command", "spec", "attempt", "failures", "created_at"},
+        defaults={"attempt": 0, "failures": 0, "checkpoints": 0, "next_seq": 1, "priority": 0},
+    )
+    db.table("jobs").create_index(["status", "priority", "created_at"])
+    db.table("workers").create(
+        {
+            "id": str, "name": str, "hostname": str, "cluster": str, "provider": str,
+            "provider_id": str, "platform": str, "gpus": int, "gpu_model": str, "vram_gb": float,
+            "status": str, "job_id": str, "token_hash": str, "consecutive_failures": int,
+            "registered_at": float, "last_heartbeat_at": float, "wall_time_end": float,
+        },
+        pk="id",
+        not_null={"status", "registered_at"},
+        defaults={"consecutive_failures": 0},
+    )
+    db.table("workers").create_index(["status"])
+    db.table("workers").create_index(["token_hash"], unique=True)
+    db.table("workers").create_index(["cluster", "provider_id"])
+    db.table("checkpoints").create(
+        {
+            "job_id": str, "seq": int, "key": str, "sha256": str, "size": int,
+            "attempt": int, "worker_id": str, "created_at": float, "progress": str,
+        },
+        pk=("job_id", "seq"),
+    )
+    db.table("events").create(
+        {
+            "id": int, "job_id": str, "worker_id": str, "kind": str, "from_status": str,
+            "to_status": str, "attempt": int, "seq": int, "reason": str, "at": float,
+        },
+        pk="id",
+        not_null={"kind", "at"},
+    )
+    db.table("events").create_index(["job_id", "id"])
+
+
+class WrongThread(RuntimeError):
+    pass
+
+
+@dataclass
+class Expr:
+    """A SET value that is SQL, not a parameter (e.g. `checkpoints + 1`)."""
+
+    sql: str
+
+
+@dataclass
+class JobChange:
+    """One conditional UPDATE of a job row plus what goes with it in the same transaction."""
+
+    job_id: str
+    from_states: Iterable[str]
+    to_status: str | Expr
+    set_fields: dict[str, Any] = field(default_factory=dict)
+    attempt: int | None = None  # fence: only if the job's attempt is exactly this
+    worker_id: str | None = None  # fence: only if the job is held by this worker
+    extra_where: tuple[str, Sequence[Any]] | None = None
+    worker_update: tuple[str, dict[str, Any]] | None = None  # (worker id, fields), same txn
+    inserts: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    event: dict[str, Any] = field(default_factory=dict)
+
+
+def dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relaymd-db")
+        self._thread: int | None = None
+        self._conn: sqlite3.Connection | None = None
+        self.db: Database | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    async def open(self) -> None:
+        await self.run(self._open)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self.run(self._close)
+        self._pool.shutdown(wait=True)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.get_ident()
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+        conn.row_factory = sqlite3.Row
+        db = Database(conn)
+        db.enable_wal()
+        conn.execute("PRAGMA busy_timeout = 10000")
+        # NORMAL in WAL mode: a commit survives a process crash (kill -9); only an OS crash or
+        # power loss can lose the last transactions, never corrupt the file.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        migrations.apply(db)
+        self._conn, self.db = conn, db
+
+    def _close(self) -> None:
+        assert self._conn is not None
+        self._conn.close()
+        self._conn = self.db = None
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if threading.get_ident() != self._thread or self._conn is None:
+            raise WrongThread("store methods run only on the store thread: use `await store.run(...)`")
+        return self._conn
+
+    def journal_mode(self) -> str:
+        return str(self.conn.execute("PRAGMA journal_mode").fetchone()[0])
+
+    def busy_timeout(self) -> int:
+        return int(self.conn.execute("PRAGMA busy_timeout").fetchone()[0])
+
+    def schema_version(self) -> list[str]:
+        assert self.db is not None
+        return [m.name for m in migrations.applied(self.db)]
+
+    # ------------------------------------------------------------------ transactions
+
+    def _begin(self) -> None:
+        # IMMEDIATE takes the write lock up front: a deferred transaction that reads then writes
+        # can fail with SQLITE_BUSY_SNAPSHOT despite busy_timeout.
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def _insert(self, table: str, row: dict[str, Any]) -> int:
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        cur = self.conn.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})", list(row.values()))
+        return int(cur.lastrowid or 0)
+
+    def _event(self, event: dict[str, Any]) -> None:
+        if event:
+            self._insert("events", {"reason": "", **event})
+
+    def _update(self, table: str, key: str, fields: dict[str, Any]) -> None:
+        sets, params = self._set_clause(fields)
+        self.conn.execute(f"UPDATE {table} SET {sets} WHERE id = ?", [*params, key])
+
+    @staticmethod
+    def _set_clause(fields: dict[str, Any]) -> tuple[str, list[Any]]:
+        parts, params = [], []
+        for name, value in fields.items():
+            if isinstance(value, Expr):
+                parts.append(f"{name} = {value.sql}")
+            else:
+                parts.append(f"{name} = ?")
+                params.append(value)
+        return ", ".join(parts), params
+
+    # ------------------------------------------------------------------ jobs
+
+    def insert_job(self, row: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
+        self._begin()
+        try:
+            self._insert("jobs", row)
+            self._event(event)
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        job = self.get_job(row["id"])
+        assert job is not None
+        return job
+
+    def get_job(self, job_id: str) -> dict[str, Any] | None:
+        row = self.conn.execute("SELECT * FROM jobs WHERE id = ?", [job_id]).fetchone()
+        return dict(row) if row else None
+
+    def job_ids_with_prefix(self, prefix: str, limit: int = 2) -> list[str]:
+        escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        rows = self.conn.execute(
+            "SELECT id FROM jobs WHERE id LIKE ? ESCAPE '\\' ORDER BY id LIMIT ?",
+            [escaped + "%", limit],
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def list_jobs(
+        self, statuses: Sequence[str] | None, limit: int, after: int | None
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        where, params = [], []
+        if statuses:
+            where.append(f"status IN ({', '.join('?' for _ in statuses)})")
+            params.extend(statuses)
+        if after is not None:
+            where.append("rowid > ?")
+            params.append(after)
+        sql = "SELECT rowid AS _rowid, * FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY rowid LIMIT ?"
+        rows = [dict(r) for r in self.conn.execute(sql, [*params, limit + 1]).fetchall()]
+        more = len(rows) > limit
+        rows = rows[:limit]
+        cursor = rows[-1]["_rowid"] if more and rows else None
+        for r in rows:
+            r.pop("_rowid")
+        return rows, cursor
+
+    def count_jobs_by_status(self) -> dict[str, int]:
+        rows = self.conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    def change_job(self, change: JobChange) -> tuple[bool, dict[str, Any] | None]:
+        """Apply one conditional job UPDATE (+ worker update, inserts, event) atomically.
+
+        Returns (True, new row) when the job matched every condition, else (False, current row
+        or None if the job does not exist) and nothing was written.
+        """
+        states = list(change.from_states)
+        sets, params = self._set_clause(
+            {"status": change.to_status, **change.set_fields}
+        )
+        where = ["id = ?", f"status IN ({', '.join('?' for _ in states)})"]
+        wparams: list[Any] = [change.job_id, *states]
+        if change.attempt is not None:
+            where.append("attempt = ?")
+            wparams.append(change.attempt)
+        if change.worker_id is not None:
+            where.append("worker_id = ?")
+            wparams.append(change.worker_id)
+        if change.extra_where is not None:
+            where.append(f"({change.extra_where[0]})")
+            wparams.extend(change.extra_where[1])
+        self._begin()
+        try:
+            prior = self.conn.execute(
+                "SELECT status FROM jobs WHERE id = ?", [change.job_id]
+            ).fetchone()
+            row = self.conn.execute(
+                f"UPDATE jobs SET {sets} WHERE {' AND '.join(where)} RETURNING *",
+                [*params, *wparams],
+            ).fetchone()
+            if row is None:
+                self.conn.execute("ROLLBACK")
+                return False, self.get_job(change.job_id)
+            if change.worker_update is not None:
+                worker_id, fields = change.worker_update
+                fields = dict(fields)
+                holding = fields.pop("_job", None)  # only if the worker still holds this job
+                wsets, wp = self._set_clause(fields)
+                sql = f"UPDATE workers SET {wsets} WHERE id = ?"
+                wp.append(worker_id)
+                if holding is not None:
+                    sql += " AND job_id = ?"
+                    wp.append(holding)
+                self.conn.execute(sql, wp)
+            for table, values in change.inserts:
+                self._insert(table, values)
+            if change.event:
+                self._event({
+                    "job_id": change.job_id, "from_status": prior[0], "to_status": row["status"],
+                    **change.event,
+                })
+            self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+        return True, dict(row)
+
+    def claim_next(
+        self, worker_id: str, gpus: int, set_fields: dict[str, Any], now: float,
+        event: dict[str, Any], worker_fields: dict[str, Any],
+    ) -> dict[str, Any] | None:
+        """Assign the best queued job this worker can run, in one conditional write.
+
+        All writes are serialised on this thread, so the chosen job is still queued when the
+        UPDATE runs: a claim never loses a race and never answers "no job" while one is claimable.
+        """
+        sets, params = self._set_clause({"status": "assigned", **set_fields})
+        self._begin()
+        try:
+            worker = self.conn.execute(
+                "SELECT status FROM workers WHERE id = ?", [worker_id]
+            ).fetchone()
+            if worker is None or worker[0] != "idle":
+                self.conn.execute("ROLLBACK")
+                return None
+            row = self.conn.execute(
+                f"""UPDATE jobs SET {sets}
+                    WHERE id = (SELECT id FROM jobs WHERE status = 'queued' AND gpus <= ?
+                                ORDER BY priority DESC, created_at, rowid LIMIT 1)
+                      AND status = 'queued'
+                    RETURNING *""",
+                [*params, gpus],
+            ).fetchone()
+            if row is None:
+                self.conn.execute("ROLLBACK")
+                return None
+            job = dict(row)
+            self._update("workers", worker_id, {**worker_fields, "job_id": job["id"]})
+            self._event({**event, "job_id": job["id"], "attempt": job["attempt"], "at": now})
+            self.conn.execute("COMMIT")
+            return job
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+
+    def reserve_checkpoint_seq(self, job_id: str, worker_id: str, attempt: int,
+                               live_states: Sequence[str]) -> int | None:
+        marks = ", ".join("?" for _ in live_states)
+        row = self.conn.execute(
+            f"""UPDATE jobs SET next_seq = next_seq + 1
+                WHERE id = ? AND worker_id = ? AND attempt = ? AND status IN ({marks})
+                RETURNING next_seq - 1""",
+            [job_id, worker_id, attempt, *live_states],
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def worker_held(self, job_id: str, worker_id: str) -> bool:
+        """Did this worker ever claim this job? (Tells a stale lease from a foreign job.)"""
+        row = self.conn.execute(
+            "SELECT 1 FROM events WHERE job_id = ? AND worker_id = ? AND kind = 'claim' LIMIT 1",
+            [job_id, worker_id],
+        ).fetchone()
+        return row is not None
+
+    def orphaned_jobs(self) -> list[dict[str, Any]]:
+        """Leased jobs whose worker no longer holds them (crash between two writes, lost rows)."""
+        rows = self.conn.execute(
+            """SELECT j.id, j.worker_id, j.attempt FROM jobs j
+               LEFT JOIN workers w ON w.id = j.worker_id
+               WHERE j.status IN ('assigned', 'running')
+                 AND (w.id IS NULL OR w.status != 'busy' OR w.job_id IS NOT j.id)"""
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    def list_checkpoints(self, job_id: str) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT * FROM checkpoints WHERE job_id = ? ORDER BY seq", [job_id]
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    def get_checkpoint(self, job_id: str, seq: int) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            "SELECT * FROM checkpoints WHERE job_id = ? AND seq = ?", [job_id, seq]
+        ).fetchone()
+        return dict(row) if row else None
+
+    def list_events(self, job_id: str, limit: int = 500) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT * FROM (SELECT * FROM events WHERE job_id = ? ORDER BY id DESC LIMIT ?) "
+            "ORDER BY id",
+            [job_id, limit],
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    def write_progress(self, items: Iterable[tuple[str, str, int, dict[str, Any]]]) -> None:
+        """Flush buffered heartbeat progress: (job_id, worker_id, attempt, progress)."""
+        rows = [(dumps(p), j, w, a) for j, w, a, p in items]
+        if not rows:
+            return
+        self._begin()
+        self.conn.executemany(
+            "UPDATE jobs SET progress = ? WHERE id = ? AND worker_id = ? AND attempt = ? "
+            "AND status IN ('assigned', 'running')",
+            rows,
+        )
+        self.conn.execute("COMMIT")
+
+    # ------------------------------------------------------------------ workers
+
+    def insert_worker(self, row: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
+        self._begin()
+        try:
+            self._insert("workers", row)
+            self._event(event)
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        worker = self.get_worker(row["id"])
+        assert worker is not None
+        return worker
+
+    def get_worker(self, worker_id: str) -> dict[str, Any] | None:
+        row = self.conn.execute("SELECT * FROM workers WHERE id = ?", [worker_id]).fetchone()
+        return dict(row) if row else None
+
+    def list_workers(self, statuses: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        if statuses:
+            marks = ", ".join("?" for _ in statuses)
+            rows = self.conn.execute(
+                f"SELECT * FROM workers WHERE status IN ({marks}) ORDER BY registered_at",
+                list(statuses),
+            ).fetchall()
+        else:
+            rows = self.conn.execute("SELECT * FROM workers ORDER BY registered_at").fetchall()
+        return [dict(r) for r in rows]
+
+    def count_workers_by_status(self) -> dict[str, int]:
+        rows = self.conn.execute("SELECT status, COUNT(*) FROM workers GROUP BY status").fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    def worker_tokens(self) -> dict[str, str]:
+        """token_hash -> worker id, for every worker whose session token is still valid."""
+        rows = self.conn.execute(
+            "SELECT token_hash, id FROM workers WHERE token_hash IS NOT NULL "
+            "AND status NOT IN ('gone', 'quarantined')"
+        ).fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    def change_worker(
+        self, worker_id: str, from_states: Iterable[str], fields: dict[str, Any],
+        event: dict[str, Any],
+    ) -> dict[str, Any] | None:
+        states = list(from_states)
+        sets, params = self._set_clause(fields)
+        marks = ", ".join("?" for _ in states)
+        self._begin()
+        try:
+            row = self.conn.execute(
+                f"UPDATE workers SET {sets} WHERE id = ? AND status IN ({marks}) RETURNING *",
+                [*params, worker_id, *states],
+            ).fetchone()
+            if row is None:
+                self.conn.execute("ROLLBACK")
+                return None
+            self._event(event)
+            self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+        return dict(row)
+
+    def write_heartbeats(self, items: Iterable[tuple[str, float]]) -> None:
+        rows = [(t, w) for w, t in items]
+        if not rows:
+            return
+        self._begin()
+        self.conn.executemany(
+            "UPDATE workers SET last_heartbeat_at = ? WHERE id = ? "
+            "AND (last_heartbeat_at IS NULL OR last_heartbeat_at < ?)",
+            [(t, w, t) for t, w in rows],
+        )
+        self.conn.execute("COMMIT")
+
+
+def load_json(value: str | None) -> Any:
+    return None if value is None else json.loads(value)
+

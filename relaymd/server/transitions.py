@@ -1,0 +1,294 @@
+"""The job and worker state machine: the single authority for every state change.
+
+Each change is one conditional UPDATE (status, and for worker callbacks the (worker, attempt)
+lease) executed by the store together with an event row. A change whose conditions do not hold
+writes nothing and raises `TransitionConflict`, which the API turns into a typed 409.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from relaymd.models import (
+    LEASED_JOB_STATES,
+    CheckpointReport,
+    JobStatus,
+    WorkerStatus,
+)
+from relaymd.server.store import Expr, JobChange, Store, dumps
+from relaymd.storage import checkpoint_key
+
+Q, A, R = JobStatus.queued, JobStatus.assigned, JobStatus.running
+DONE, FAILED, CANCELLED = JobStatus.completed, JobStatus.failed, JobStatus.cancelled
+
+# action -> (states it may start from, states it may end in)
+JOB_ACTIONS: dict[str, tuple[frozenset[JobStatus], frozenset[JobStatus]]] = {
+    "claim": (frozenset({Q}), frozenset({A})),
+    "start": (frozenset({A}), frozenset({R})),
+    "checkpoint": (frozenset({A, R}), frozenset({R})),
+    "release": (frozenset({A, R}), frozenset({Q})),  # handoff before the allocation ends
+    "lose": (frozenset({A, R}), frozenset({Q})),  # worker silent, deregistered or gone
+    "requeue": (frozenset({A, R, FAILED, CANCELLED}), frozenset({Q})),  # operator
+    "complete": (frozenset({A, R}), frozenset({DONE})),
+    "fail": (frozenset({A, R}), frozenset({Q, FAILED})),  # requeued while budget remains
+    "cancel": (frozenset({Q, A, R}), frozenset({CANCELLED})),
+}
+JOB_EDGES: frozenset[tuple[JobStatus, JobStatus]] = frozenset(
+    (f, t) for froms, tos in JOB_ACTIONS.values() for f in froms for t in tos
+)
+
+W = WorkerStatus
+WORKER_ACTIONS: dict[str, tuple[frozenset[WorkerStatus], WorkerStatus]] = {
+    "activate": (frozenset({W.provisioning}), W.idle),  # a placeholder's worker registered
+    "claim": (frozenset({W.idle}), W.busy),
+    "free": (frozenset({W.busy}), W.idle),
+    "stale": (frozenset({W.idle, W.busy}), W.stale),
+    "revive": (frozenset({W.stale}), W.idle),
+    "quarantine": (frozenset({W.idle, W.busy}), W.quarantined),
+    "deregister": (frozenset({W.provisioning, W.idle, W.busy, W.stale, W.quarantined}), W.gone),
+}
+WORKER_EDGES: frozenset[tuple[WorkerStatus, WorkerStatus]] = frozenset(
+    (f, t) for froms, t in WORKER_ACTIONS.values() for f in froms
+)
+
+
+def job_transition_allowed(src: JobStatus, dst: JobStatus) -> bool:
+    return (src, dst) in JOB_EDGES
+
+
+class TransitionConflict(Exception):
+    """The job is not in a state (or lease) that allows the change; nothing was written."""
+
+    def __init__(self, job_id: str, current: str, to: str, attempt: int, message: str) -> None:
+        super().__init__(message)
+        self.job_id, self.current, self.to, self.attempt = job_id, current, to, attempt
+        self.message = message
+
+
+class JobNotFound(Exception):
+    pass
+
+
+class WorkerConflict(Exception):
+    """A worker-level change that its current status does not allow."""
+
+
+class InvalidCheckpoint(Exception):
+    pass
+
+
+def _states(states: frozenset[Any]) -> list[str]:
+    return sorted(str(s) for s in states)
+
+
+class StateMachine:
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time,
+                 quarantine_after: int = 3) -> None:
+        self.store = store
+        self.clock = clock
+        self.quarantine_after = quarantine_after
+
+    # ------------------------------------------------------------------ core
+
+    async def _change(self, action: str, change: JobChange, to_label: str | None = None) -> dict[str, Any]:
+        ok, row = await self.store.run(self.store.change_job, change)
+        if ok:
+            assert row is not None
+            return row
+        if row is None:
+            raise JobNotFound(change.job_id)
+        to = to_label or "/".join(_states(JOB_ACTIONS[action][1]))
+        status = row["status"]
+        if status not in {str(s) for s in JOB_ACTIONS[action][0]}:
+            why = f"job {change.job_id[:8]} is {status}; cannot {action} it"
+        elif change.attempt is not None and row["attempt"] != change.attempt:
+            why = (f"job {change.job_id[:8]}: attempt {change.attempt} is stale "
+                   f"(current attempt is {row['attempt']}); stop working on it")
+        elif change.worker_id is not None and row["worker_id"] != change.worker_id:
+            why = f"job {change.job_id[:8]} is not held by worker {change.worker_id[:8]}"
+        else:
+            why = f"job {change.job_id[:8]}: {action} refused"
+        raise TransitionConflict(change.job_id, status, to, row["attempt"], why)
+
+    def _event(self, kind: str, reason: str = "", worker_id: str | None = None,
+               **extra: Any) -> dict[str, Any]:
+        return {"kind": kind, "reason": reason, "worker_id": worker_id, "at": self.clock(), **extra}
+
+    def _leased(self, action: str, job_id: str, worker_id: str, attempt: int,
+                to_status: str | Expr, **kw: Any) -> JobChange:
+        return JobChange(job_id=job_id, from_states=_states(JOB_ACTIONS[action][0]),
+                         to_status=to_status, attempt=attempt, worker_id=worker_id, **kw)
+
+    def _free_worker(self, worker_id: str, job_id: str, **fields: Any) -> tuple[str, dict[str, Any]]:
+        return worker_id, {"status": str(W.idle), "job_id": None, **fields, "_job": job_id}
+
+    # ------------------------------------------------------------------ worker-driven
+
+    async def claim(self, worker_id: str, gpus: int) -> dict[str, Any] | None:
+        now = self.clock()
+        return await self.store.run(
+            self.store.claim_next, worker_id, gpus,
+            {"attempt": Expr("attempt + 1"), "worker_id": worker_id, "updated_at": now,
+             "progress": None},
+            now, {"kind": "claim", "worker_id": worker_id, "from_status": "queued",
+                  "to_status": "assigned", "reason": "claimed"},
+            {"status": str(W.busy)},
+        )
+
+    async def start(self, job_id: str, worker_id: str, attempt: int) -> dict[str, Any]:
+        now = self.clock()
+        return await self._change("start", self._leased(
+            "start", job_id, worker_id, attempt, str(R),
+            set_fields={"updated_at": now, "started_at": Expr(f"COALESCE(started_at, {now!r})")},
+            event=self._event("start", "engine started", worker_id, attempt=attempt)))
+
+    def _checkpoint_parts(self, job_id: str, worker_id: str, report: CheckpointReport
+                          ) -> tuple[dict[str, Any], tuple[str, list[Any]], tuple[str, dict[str, Any]]]:
+        now = self.clock()
+        fields = {
+            "latest_checkpoint": report.seq, "checkpoints": Expr("checkpoints + 1"),
+            "last_checkpoint_at": now, "updated_at": now,
+        }
+        if report.progress is not None:
+            fields["progress"] = dumps(report.progress.model_dump())
+        where = ("? < next_seq AND (latest_checkpoint IS NULL OR latest_checkpoint < ?)",
+                 [report.seq, report.seq])
+        insert = ("checkpoints", {
+            "job_id": job_id, "seq": report.seq, "key": checkpoint_key(job_id, report.seq),
+            "sha256": report.sha256, "size": report.size, "attempt": report.attempt,
+            "worker_id": worker_id, "created_at": now,
+            "progress": dumps(report.progress.model_dump()) if report.progress else None,
+        })
+        return fields, where, insert
+
+    async def _with_checkpoint(self, action: str, job_id: str, worker_id: str,
+                               report: CheckpointReport | None, change: JobChange) -> dict[str, Any]:
+        if report is not None:
+            if report.attempt != change.attempt:
+                raise InvalidCheckpoint("checkpoint attempt differs from the request's attempt")
+            fields, where, insert = self._checkpoint_parts(job_id, worker_id, report)
+            change.set_fields = {**fields, **change.set_fields}
+            change.extra_where = where
+            change.inserts.append(insert)
+            change.event["seq"] = report.seq
+        try:
+            return await self._change(action, change)
+        except TransitionConflict as exc:
+            if report is not None and exc.current in {str(s) for s in LEASED_JOB_STATES} \
+                    and exc.attempt == report.attempt:
+                row = await self.store.run(self.store.get_job, job_id)
+                if row and row["worker_id"] == worker_id:
+                    raise InvalidCheckpoint(
+                        f"job {job_id[:8]}: checkpoint {report.seq} was not reserved or is not "
+                        f"newer than the latest accepted ({row['latest_checkpoint']})") from None
+            raise
+
+    async def reserve_checkpoint(self, job_id: str, worker_id: str, attempt: int) -> int:
+        seq = await self.store.run(self.store.reserve_checkpoint_seq, job_id, worker_id, attempt,
+                                   _states(LEASED_JOB_STATES))
+        if seq is not None:
+            return seq
+        await self._change("checkpoint", self._leased(
+            "checkpoint", job_id, worker_id, attempt, str(R),
+            extra_where=("0", [])))  # always refused: builds the precise conflict
+        raise AssertionError("unreachable")
+
+    async def accept_checkpoint(self, job_id: str, worker_id: str,
+                                report: CheckpointReport) -> dict[str, Any]:
+        change = self._leased("checkpoint", job_id, worker_id, report.attempt, str(R),
+                              event=self._event("checkpoint", f"checkpoint {report.seq} accepted",
+                                                worker_id, attempt=report.attempt))
+        return await self._with_checkpoint("checkpoint", job_id, worker_id, report, change)
+
+    async def release(self, job_id: str, worker_id: str, attempt: int, reason: str,
+                      report: CheckpointReport | None = None) -> dict[str, Any]:
+        now = self.clock()
+        change = self._leased(
+            "release", job_id, worker_id, attempt, str(Q),
+            set_fields={"worker_id": None, "updated_at": now},
+            worker_update=self._free_worker(worker_id, job_id),
+            event=self._event("release", reason, worker_id, attempt=attempt))
+        return await self._with_checkpoint("release", job_id, worker_id, report, change)
+
+    async def complete(self, job_id: str, worker_id: str, attempt: int,
+                       report: CheckpointReport | None = None) -> dict[str, Any]:
+        now = self.clock()
+        change = self._leased(
+            "complete", job_id, worker_id, attempt, str(DONE),
+            set_fields={"updated_at": now, "finished_at": now},
+            worker_update=self._free_worker(worker_id, job_id, consecutive_failures=0),
+            event=self._event("complete", "engine finished", worker_id, attempt=attempt))
+        return await self._with_checkpoint("complete", job_id, worker_id, report, change)
+
+    async def fail(self, job_id: str, worker_id: str, attempt: int, exit_code: int | None,
+                   reason: str, log_tail: str) -> dict[str, Any]:
+        now = self.clock()
+        failure = {"attempt": attempt, "exit_code": exit_code, "reason": reason,
+                   "log_tail": log_tail, "at": now}
+        n = int(self.quarantine_after)
+        return await self._change("fail", self._leased(
+            "fail", job_id, worker_id, attempt,
+            Expr("CASE WHEN failures + 1 >= max_attempts THEN 'failed' ELSE 'queued' END"),
+            set_fields={
+                "failures": Expr("failures + 1"), "last_failure": dumps(failure),
+                "worker_id": Expr("CASE WHEN failures + 1 >= max_attempts THEN worker_id END"),
+                "updated_at": now,
+                "finished_at": Expr(f"CASE WHEN failures + 1 >= max_attempts THEN {now!r} END"),
+            },
+            worker_update=self._free_worker(
+                worker_id, job_id, consecutive_failures=Expr("consecutive_failures + 1"),
+                status=Expr(f"CASE WHEN consecutive_failures + 1 >= {n} "
+                            f"THEN 'quarantined' ELSE 'idle' END")),
+            event=self._event("fail", reason, worker_id, attempt=attempt)))
+
+    # ------------------------------------------------------------------ operator / reaper
+
+    async def cancel(self, job_id: str, reason: str = "cancelled by operator") -> dict[str, Any]:
+        now = self.clock()
+        job = await self._get(job_id)
+        holder = job["worker_id"] if job["status"] in LEASED_JOB_STATES else None
+        return await self._change("cancel", JobChange(
+            job_id=job_id, from_states=_states(JOB_ACTIONS["cancel"][0]), to_status=str(CANCELLED),
+            attempt=job["attempt"],
+            set_fields={"updated_at": now, "finished_at": now},
+            worker_update=self._free_worker(holder, job_id) if holder else None,
+            event=self._event("cancel", reason, holder, attempt=job["attempt"])))
+
+    async def requeue(self, job_id: str, reason: str = "requeued by operator") -> dict[str, Any]:
+        now = self.clock()
+        job = await self._get(job_id)
+        holder = job["worker_id"] if job["status"] in LEASED_JOB_STATES else None
+        fields: dict[str, Any] = {"worker_id": None, "updated_at": now, "finished_at": None}
+        if job["status"] in (FAILED, CANCELLED):
+            fields["failures"] = 0  # an operator's requeue grants a fresh failure budget
+        return await self._change("requeue", JobChange(
+            job_id=job_id, from_states=_states(JOB_ACTIONS["requeue"][0]), to_status=str(Q),
+            attempt=job["attempt"], set_fields=fields,
+            worker_update=self._free_worker(holder, job_id) if holder else None,
+            event=self._event("requeue", reason, holder, attempt=job["attempt"])))
+
+    async def lose(self, job_id: str, worker_id: str, attempt: int, reason: str) -> dict[str, Any]:
+        """A worker vanished: its job goes back to the queue, failure budget untouched."""
+        now = self.clock()
+        return await self._change("lose", self._leased(
+            "lose", job_id, worker_id, attempt, str(Q),
+            set_fields={"worker_id": None, "updated_at": now},
+            event=self._event("lose", reason, worker_id, attempt=attempt)))
+
+    async def _get(self, job_id: str) -> dict[str, Any]:
+        job = await self.store.run(self.store.get_job, job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    async def change_worker(self, worker_id: str, action: str, reason: str,
+                            **fields: Any) -> dict[str, Any]:
+        froms, to = WORKER_ACTIONS[action]
+        row = await self.store.run(
+            self.store.change_worker, worker_id, _states(froms), {"status": str(to), **fields},
+            self._event(f"worker_{action}", reason, worker_id, to_status=str(to)))
+        if row is None:
+            raise WorkerConflict(f"worker {worker_id[:8]}: cannot {action} it now")
+        return row

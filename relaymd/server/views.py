@@ -1,0 +1,77 @@
+"""Turn store rows (plain dicts of SQLite values) into the wire models of `relaymd.models`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from relaymd.models import (
+    CheckpointInfo,
+    Event,
+    Failure,
+    Job,
+    JobDetail,
+    Progress,
+    Worker,
+    to_datetime,
+)
+from relaymd.server.store import load_json
+
+
+def job_from_row(row: dict[str, Any], progress: dict[str, Any] | None = None) -> Job:
+    failure = load_json(row["last_failure"])
+    live = progress if progress is not None else load_json(row["progress"])
+    return Job(
+        id=row["id"], title=row["title"] or "", status=row["status"], command=row["command"],
+        spec=load_json(row["spec"]), gpus=row["gpus"], priority=row["priority"],
+        max_attempts=row["max_attempts"], attempt=row["attempt"], failures=row["failures"],
+        worker_id=row["worker_id"], bundle_sha256=row["bundle_sha256"],
+        bundle_size=row["bundle_size"], latest_checkpoint=row["latest_checkpoint"],
+        checkpoints=row["checkpoints"],
+        progress=Progress.model_validate(live) if live else None,
+        last_failure=Failure.model_validate({**failure, "at": to_datetime(failure["at"])})
+        if failure else None,
+        created_at=to_datetime(row["created_at"]), updated_at=to_datetime(row["updated_at"]),
+        started_at=to_datetime(row["started_at"]), finished_at=to_datetime(row["finished_at"]),
+        last_checkpoint_at=to_datetime(row["last_checkpoint_at"]),
+    )
+
+
+def checkpoint_from_row(row: dict[str, Any]) -> CheckpointInfo:
+    progress = load_json(row["progress"])
+    return CheckpointInfo(
+        seq=row["seq"], key=row["key"], sha256=row["sha256"], size=row["size"],
+        attempt=row["attempt"], worker_id=row["worker_id"],
+        created_at=to_datetime(row["created_at"]),
+        progress=Progress.model_validate(progress) if progress else None,
+    )
+
+
+def event_from_row(row: dict[str, Any]) -> Event:
+    return Event(
+        id=row["id"], job_id=row["job_id"], worker_id=row["worker_id"], kind=row["kind"],
+        from_status=row["from_status"], to_status=row["to_status"], attempt=row["attempt"], seq=row["seq"],
+        reason=row["reason"] or "", at=to_datetime(row["at"]),
+    )
+
+
+def job_detail(job: Job, checkpoints: list[dict[str, Any]],
+               events: list[dict[str, Any]]) -> JobDetail:
+    return JobDetail(
+        **job.model_dump(),
+        checkpoint_list=[checkpoint_from_row(c) for c in checkpoints],
+        events=[event_from_row(e) for e in events],
+    )
+
+
+def worker_from_row(row: dict[str, Any], last_seen: float | None = None) -> Worker:
+    return Worker(
+        id=row["id"], name=row["name"] or "", hostname=row["hostname"] or "",
+        cluster=row["cluster"] or "", provider=row["provider"] or "",
+        provider_id=row["provider_id"], platform=row["platform"] or "", gpus=row["gpus"] or 0,
+        gpu_model=row["gpu_model"] or "", vram_gb=row["vram_gb"] or 0.0, status=row["status"],
+        job_id=row["job_id"], consecutive_failures=row["consecutive_failures"] or 0,
+        registered_at=to_datetime(row["registered_at"]),
+        last_heartbeat_at=to_datetime(max(filter(None, [last_seen, row["last_heartbeat_at"]]),
+                                          default=None)),
+        wall_time_end=to_datetime(row["wall_time_end"]),
+    )

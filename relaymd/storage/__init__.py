@@ -1,0 +1,173 @@
+"""Where jobs' bytes live: the Storage protocol every backend implements, the key layout, and
+`open_storage`, which turns an operator's storage URL into a backend.
+
+Objects are immutable by default (`overwrite=False`), so a late upload from a dead worker can
+never clobber newer progress; downloads can verify a sha256 recorded when the object was written.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+from urllib.parse import unquote, urlsplit
+
+__all__ = [
+    "IntegrityError",
+    "ObjectExists",
+    "ObjectInfo",
+    "ObjectNotFound",
+    "Storage",
+    "StorageError",
+    "bundle_key",
+    "checkpoint_key",
+    "job_prefix",
+    "log_key",
+    "manifest_key",
+    "open_storage",
+    "validate_key",
+    "validate_prefix",
+]
+
+ACCEPTED_SCHEMES = "file:///ABSOLUTE/PATH, a plain absolute path, or s3://BUCKET/PREFIX"
+
+
+class StorageError(Exception):
+    """Storage could not do what was asked; the message is one operator-facing line."""
+
+
+class ObjectNotFound(StorageError):
+    """The key names no object."""
+
+
+class ObjectExists(StorageError):
+    """A write with overwrite=False met an object already stored under the key."""
+
+
+class IntegrityError(StorageError):
+    """Downloaded bytes do not hash to the sha256 the caller expected."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    sha256: str
+
+
+@runtime_checkable
+class Storage(Protocol):
+    url: str
+
+    def put_file(self, key: str, path: Path, *, overwrite: bool = False) -> ObjectInfo: ...
+
+    def put_bytes(self, key: str, data: bytes, *, overwrite: bool = False) -> ObjectInfo: ...
+
+    def get_file(
+        self, key: str, dest: Path, *, expected_sha256: str | None = None
+    ) -> ObjectInfo: ...
+
+    def get_bytes(self, key: str) -> bytes: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def size(self, key: str) -> int: ...
+
+    # Declared after every method that annotates with the builtin `list`, which it shadows here.
+    def list(self, prefix: str) -> list[str]: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def delete_prefix(self, prefix: str) -> int: ...
+
+
+def validate_key(key: str) -> str:
+    """Return `key` if it is a clean relative '/'-separated key, else raise ValueError."""
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"invalid storage key {key!r}: it is empty")
+    if key.startswith("/"):
+        raise ValueError(f"invalid storage key {key!r}: it must be relative (no leading '/')")
+    if "\\" in key or "\x00" in key:
+        raise ValueError(f"invalid storage key {key!r}: backslashes and NUL are not allowed")
+    for part in key.split("/"):
+        if part in ("", ".", ".."):
+            raise ValueError(
+                f"invalid storage key {key!r}: empty, '.' and '..' segments are not allowed"
+            )
+    return key
+
+
+def validate_prefix(prefix: str) -> str:
+    """A prefix is a key, a key ending in '/', or '' (everything)."""
+    if prefix == "":
+        return prefix
+    validate_key(prefix[:-1] if prefix.endswith("/") else prefix)
+    return prefix
+
+
+def _job_segment(job_id: str) -> str:
+    if not isinstance(job_id, str) or not job_id or "/" in job_id:
+        raise ValueError(f"invalid job id {job_id!r} for a storage key")
+    return job_id
+
+
+def _non_negative(what: str, n: int) -> int:
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"invalid {what} {n!r} for a storage key: expected an integer >= 0")
+    return n
+
+
+def job_prefix(job_id: str) -> str:
+    return validate_prefix(f"jobs/{_job_segment(job_id)}/")
+
+
+def bundle_key(job_id: str) -> str:
+    return validate_key(f"{job_prefix(job_id)}input/bundle.tar.gz")
+
+
+def checkpoint_key(job_id: str, seq: int) -> str:
+    seq = _non_negative("checkpoint sequence", seq)
+    return validate_key(f"{job_prefix(job_id)}checkpoints/{seq:06d}.tar.gz")
+
+
+def manifest_key(job_id: str, seq: int) -> str:
+    seq = _non_negative("checkpoint sequence", seq)
+    return validate_key(f"{job_prefix(job_id)}checkpoints/{seq:06d}.json")
+
+
+def log_key(job_id: str, attempt: int) -> str:
+    attempt = _non_negative("attempt", attempt)
+    return validate_key(f"{job_prefix(job_id)}logs/attempt-{attempt}.log.gz")
+
+
+def open_storage(url: str) -> Storage:
+    """Turn an operator's storage setting into a backend.
+
+    Accepts `file:///abs/path` (or `file://localhost/abs/path`), a plain absolute path (`~` is
+    expanded), and, later, `s3://BUCKET/PREFIX`.
+    """
+    from relaymd.storage.local import LocalStorage  # local imports this module
+
+    text = url.strip() if isinstance(url, str) else ""
+    if not text:
+        raise StorageError(f"storage URL {url!r} is empty; use {ACCEPTED_SCHEMES}")
+    if text.startswith("~"):
+        text = os.path.expanduser(text)
+    if text.startswith("/"):
+        return LocalStorage(Path(text))
+    parts = urlsplit(text)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        path = unquote(parts.path)
+        if parts.netloc not in ("", "localhost") or not path.startswith("/"):
+            raise StorageError(
+                f"storage URL {url!r} does not name an absolute local path; "
+                "write it as file:///ABSOLUTE/PATH (three slashes)"
+            )
+        return LocalStorage(Path(path))
+    if scheme == "s3":
+        raise StorageError(
+            f"s3:// storage is not implemented yet ({url}); use file:///ABSOLUTE/PATH for now"
+        )
+    raise StorageError(f"storage URL {url!r} is not understood; use {ACCEPTED_SCHEMES}")

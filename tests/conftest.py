@@ -1,0 +1,137 @@
+"""Shared fixtures: a real orchestrator (uvicorn on a loopback port, SQLite file, file:// storage)
+running on its own event loop in a background thread, and clients that talk to it over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.pop("NO_COLOR", None)  # changes Textual snapshots
+
+from relaymd.client import Client  # noqa: E402
+from relaymd.config import Settings  # noqa: E402
+from relaymd.models import JobCreate, WorkerRegister  # noqa: E402
+from relaymd.server.orchestrator import Orchestrator  # noqa: E402
+from relaymd.storage.bundle import pack_directory  # noqa: E402
+
+
+class FakeClock:
+    """A settable wall clock for deterministic liveness tests."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class RunningOrchestrator:
+    def __init__(self, settings: Settings, clock: Callable[[], float] | None = None) -> None:
+        self.settings = settings
+        self.orch = Orchestrator(settings, clock) if clock else Orchestrator(settings)
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.orch.start())
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
+
+    def start(self) -> RunningOrchestrator:
+        self.thread.start()
+        self._ready.wait(30)
+        if self._error:
+            raise self._error
+        return self
+
+    def call(self, coro: Any, timeout: float = 30) -> Any:
+        """Run a coroutine on the orchestrator's loop (e.g. `service.reap()`) and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.call(self.orch.stop())
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+        self.loop.close()
+
+    @property
+    def url(self) -> str:
+        return self.orch.url
+
+    @property
+    def service(self) -> Any:
+        return self.orch.service
+
+    def tokens(self) -> dict[str, str]:
+        import json
+
+        return dict(json.loads(self.settings.tokens_path.read_text()))
+
+    def operator(self) -> Client:
+        return Client(self.url, self.tokens()["operator"])
+
+    def worker(self, **register: Any) -> tuple[Client, str]:
+        client = Client(self.url, self.tokens()["worker"])
+        reg = client.register(WorkerRegister(**{"hostname": "test", "gpus": 1, **register}))
+        client.set_token(reg.token)
+        return client, reg.worker_id
+
+
+def make_settings(home: Path, **kw: Any) -> Settings:
+    return Settings(home=home, host="127.0.0.1", port=0, reap_interval=3600, **kw)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path / "home")
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def server(settings: Settings, clock: FakeClock) -> Iterator[RunningOrchestrator]:
+    running = RunningOrchestrator(settings, clock).start()
+    yield running
+    running.stop()
+
+
+def write_job_dir(root: Path, command: str = "python run.py", **spec: Any) -> Path:
+    import yaml
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "run.py").write_text("print('hello')\n")
+    (root / "relaymd.yaml").write_text(yaml.safe_dump({"command": command, **spec}))
+    return root
+
+
+def submit(op: Client, tmp_path: Path, title: str = "", **create: Any) -> str:
+    """Pack a small job dir, upload it and create the job; returns the job id."""
+    job_id = uuid.uuid4().hex
+    src = write_job_dir(tmp_path / f"src-{job_id[:8]}")
+    bundle = tmp_path / f"{job_id}.tar.gz"
+    pack_directory(src, bundle)
+    op.upload_bundle(job_id, bundle)
+    op.create_job(JobCreate(id=job_id, title=title, **create))
+    return job_id
