@@ -100,7 +100,8 @@ class Client:
         try:
             response = self.http.request(method, path, **kw)
         except httpx.TimeoutException:
-            raise ApiError(0, "timeout", f"orchestrator at {self.url} did not answer in time")
+            raise ApiError(0, "timeout", f"orchestrator at {self.url} did not answer in time"
+                           ) from None
         except httpx.TransportError as exc:
             raise ApiError(0, "unreachable", f"cannot reach the orchestrator at {self.url} "
                            f"({exc}); is it running? start it with `relaymd serve`") from None

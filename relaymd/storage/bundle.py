@@ -1,14 +1,15 @@
 """Job bundles: packing an input directory into `bundle.tar.gz`, and reading one back safely.
 
-A bundle arrives from whoever submitted the job, so reading it treats it as hostile: one streaming
-pass checks every member (paths, links, file types, counts, sizes, expansion ratio) as the bytes
-flow, and extraction re-checks everything itself, with tarfile's 'data' filter behind it.
+A bundle comes from whoever submitted the job, so reading treats it as hostile: one streaming
+pass judges every member (paths, links, file types, counts, sizes, expansion ratio) as the bytes
+flow, extraction re-checks everything itself, and tarfile's 'data' filter stands behind that.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
 import posixpath
 import shutil
@@ -23,9 +24,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 CHUNK = 1 << 20
-RATIO_FLOOR = 64 << 20  # below this much unpacked data the ratio is not judged
-HEADER_ALLOWANCE = 1 << 20  # tar headers (pax included) read between two members' data
+RATIO_FLOOR = 64 << 20  # small inputs compress a lot legitimately: judge the ratio past this
+HEADER_ALLOWANCE = 1 << 20  # tar headers (pax ones included) between two members' data
 MAX_LINK_HOPS = 40
+_SPECIAL = {tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device",
+            tarfile.FIFOTYPE: "a fifo"}  # fmt: skip
 
 
 class BundleError(ValueError):
@@ -35,66 +38,71 @@ class BundleError(ValueError):
 @dataclass(frozen=True)
 class BundleLimits:
     max_members: int = 100_000
-    max_total_bytes: int = 64 * 2**30
-    max_ratio: float = 200.0
+    max_total_bytes: int = 64 * 2**30  # total uncompressed size
+    max_ratio: float = 200.0  # uncompressed / compressed, judged once past RATIO_FLOOR
 
 
 @dataclass(frozen=True)
 class BundleInfo:
-    sha256: str
+    sha256: str  # of the compressed file
     size: int
     members: int
-    uncompressed_bytes: int
+    uncompressed_bytes: int  # sum of regular files' sizes
+
+
+class _Tap:
+    """Hashes and counts the compressed bytes on their way into or out of the bundle file."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f, self.digest, self.count = f, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.digest.update(data)
+        self.count += len(data)
+        return data
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.count += len(data)
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def _clean_name(name: str) -> str:
+    """Normalise a member name ('./a//b' -> 'a/b'); refuse absolute paths, '..' and NUL."""
+    if name.startswith("/"):
+        raise BundleError(f"bundle has an absolute path {name}; refusing it")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts or "\x00" in name:
+        raise BundleError(f"bundle member {name} climbs out of the job directory; refusing it")
+    return "/".join(parts)
+
+
+def _ancestors(name: str) -> list[str]:
+    parts = name.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
 
 
 # -- packing ----------------------------------------------------------------------------------
 
 
-class _HashingWriter:
-    def __init__(self, out: BinaryIO) -> None:
-        self._out = out
-        self.digest = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.digest.update(data)
-        self.size += len(data)
-        return self._out.write(data)
-
-    def flush(self) -> None:
-        self._out.flush()
-
-
-def _clean_name(name: str) -> str:
-    """Normalise a member name; refuse absolute paths, '..' and NUL."""
-    if "\x00" in name:
-        raise BundleError(f"bundle member {name!r} has a NUL byte in its name; refusing it")
-    if name.startswith("/"):
-        raise BundleError(f"bundle has an absolute path {name}; refusing it")
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise BundleError(
-            f"bundle member {name} climbs out of the job directory ('..'); refusing it"
-        )
-    return "/".join(parts)
-
-
 def _collect(root: Path, src: Path) -> dict[str, Path | None]:
-    """Every entry under `root` as arcname -> file to read (None for a directory)."""
+    """Everything under `root` as arcname -> file to read (None for a directory)."""
     entries: dict[str, Path | None] = {}
 
     def walk(directory: Path, prefix: str, ancestors: frozenset[Path]) -> None:
         for entry in os.scandir(directory):
-            name = prefix + entry.name
-            path = Path(entry.path)
+            name, path = prefix + entry.name, Path(entry.path)
             if entry.is_symlink():
-                target = Path(os.path.realpath(path))
-                if not target.is_relative_to(root):
+                path = Path(os.path.realpath(path))
+                if not path.is_relative_to(root):
                     raise BundleError(
-                        f"{src / name} is a symlink to {target}, outside {src}; copy the file "
-                        "into the job directory or remove the link"
+                        f"{src / name} is a symlink to {path}, outside {src}; copy the file in "
+                        "or remove the link"
                     )
-                path = target
             try:
                 mode = path.stat().st_mode
             except FileNotFoundError:
@@ -107,10 +115,7 @@ def _collect(root: Path, src: Path) -> dict[str, Path | None]:
             elif stat.S_ISREG(mode):
                 entries[name] = path
             else:
-                raise BundleError(
-                    f"{src / name} is not a regular file or directory; remove it from the job "
-                    "directory"
-                )
+                raise BundleError(f"{src / name} is not a regular file or directory; remove it")
 
     walk(root, "", frozenset({root}))
     return entries
@@ -121,8 +126,8 @@ def pack_directory(
 ) -> BundleInfo:
     """Write src's contents (names relative to src, sorted) to the tar.gz `dest`.
 
-    Symlinks that stay inside src are stored as what they point to; `extra_files` adds or
-    replaces members (a generated relaymd.yaml).
+    Symlinks staying inside src are stored as what they point to; `extra_files` (name -> bytes)
+    adds or replaces members, e.g. a generated relaymd.yaml.
     """
     src, dest = Path(src), Path(dest)
     if not src.is_dir():
@@ -130,27 +135,21 @@ def pack_directory(
     root = Path(os.path.realpath(src))
     if Path(os.path.realpath(dest.parent)).is_relative_to(root):
         raise BundleError(f"bundle destination {dest} lies inside {src}; write it elsewhere")
-    extras = {}
-    for name, data in (extra_files or {}).items():
-        clean = _clean_name(name)
-        if not clean:
-            raise BundleError(f"extra bundle file name {name!r} is empty")
-        extras[clean] = data
     try:
         entries: dict[str, Path | bytes | None] = dict(_collect(root, src))
     except OSError as exc:
         raise BundleError(f"cannot read {src}: {exc}") from exc
-    for name, data in extras.items():
-        if name in entries and entries[name] is None:
-            raise BundleError(f"{src / name} is a directory; cannot replace it with a file")
-        entries[name] = data
+    for name, data in (extra_files or {}).items():
+        clean = _clean_name(name)
+        if not clean or (clean in entries and entries[clean] is None):
+            raise BundleError(f"extra bundle file {name!r} would replace a directory")
+        entries[clean] = data
 
     tmp = dest.with_name(dest.name + ".part")
-    now = int(time.time())
     members = total = 0
     try:
         with open(tmp, "wb") as out:
-            sink = _HashingWriter(out)
+            sink = _Tap(out)  # type: ignore[arg-type]
             with (
                 gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=6, mtime=0) as gz,
                 tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
@@ -158,14 +157,13 @@ def pack_directory(
                 for name in sorted(entries):
                     source = entries[name]
                     info = tarfile.TarInfo(name)
-                    info.mtime, info.mode = now, 0o644
                     if source is None:
                         info.type, info.mode = tarfile.DIRTYPE, 0o755
                         info.mtime = int((root / name).stat().st_mtime)
                         tar.addfile(info)
                     elif isinstance(source, bytes):
-                        info.size = len(source)
-                        tar.addfile(info, _BytesReader(source))
+                        info.size, info.mode, info.mtime = len(source), 0o644, int(time.time())
+                        tar.addfile(info, io.BytesIO(source))
                     else:
                         with open(source, "rb") as f:
                             st = os.fstat(f.fileno())
@@ -181,105 +179,63 @@ def pack_directory(
         raise BundleError(f"cannot pack {src} into {dest}: {exc}") from exc
     finally:
         tmp.unlink(missing_ok=True)
-    return BundleInfo(sink.digest.hexdigest(), sink.size, members, total)
-
-
-class _BytesReader:
-    def __init__(self, data: bytes) -> None:
-        self._view, self._pos = memoryview(data), 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self._view) if n < 0 else self._pos + n
-        chunk = bytes(self._view[self._pos : end])
-        self._pos += len(chunk)
-        return chunk
+    return BundleInfo(sink.digest.hexdigest(), sink.count, members, total)
 
 
 # -- reading ----------------------------------------------------------------------------------
 
 
-class _HashingReader:
-    """The compressed side: hashes and counts every byte read from the bundle file."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self._f = f
-        self.digest = hashlib.sha256()
-        self.count = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n)
-        self.digest.update(data)
-        self.count += len(data)
-        return data
-
-
 class _Meter:
-    """The uncompressed side: enforces the limits while bytes flow, before tarfile sees them."""
+    """The uncompressed side: enforces the limits as bytes flow, before tarfile parses them."""
 
-    def __init__(self, gz: gzip.GzipFile, raw: _HashingReader, limits: BundleLimits) -> None:
-        self._gz, self._raw, self._limits = gz, raw, limits
-        self.out = 0
-        self.allowed = HEADER_ALLOWANCE
-        self.member = "(first header)"
+    def __init__(self, raw: _Tap, limits: BundleLimits) -> None:
+        self._gz = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[arg-type]
+        self._raw, self._limits = raw, limits
+        self.out, self.allowed, self.member = 0, HEADER_ALLOWANCE, "(first header)"
 
     def read(self, n: int = -1) -> bytes:
-        if n < 0 or n > CHUNK:
-            n = CHUNK
-        data = self._gz.read(n)
+        data = self._gz.read(CHUNK if n < 0 or n > CHUNK else n)
         self.out += len(data)
         if self.out > self.allowed:
             raise BundleError(
-                f"bundle has oversized tar headers or trailing data near member {self.member}; "
+                f"bundle has oversized headers or trailing data near member {self.member}; "
                 "refusing it"
             )
         ratio = self.out / max(self._raw.count, 1)
         if self.out > RATIO_FLOOR and ratio > self._limits.max_ratio:
             raise BundleError(
                 f"bundle member {self.member} expands {ratio:.0f}x (limit "
-                f"{self._limits.max_ratio:.0f}x): a decompression bomb; refusing it"
+                f"{self._limits.max_ratio:.0f}x), a decompression bomb; refusing it"
             )
         return data
 
 
 def _stays_inside(path: str, links: dict[str, str]) -> bool:
     """Follow `path` through the bundle's own symlinks; False if it leaves the root or loops."""
-    todo = deque(path.split("/"))
-    resolved: list[str] = []
-    hops = 0
+    todo, resolved, hops = deque(path.split("/")), [], 0
     while todo:
         part = todo.popleft()
-        if part in ("", "."):
-            continue
         if part == "..":
             if not resolved:
                 return False
             resolved.pop()
-            continue
-        resolved.append(part)
-        target = links.get("/".join(resolved))
-        if target is not None:
-            hops += 1
-            if hops > MAX_LINK_HOPS or target.startswith("/"):
-                return False
-            resolved.pop()
-            todo.extendleft(reversed(target.split("/")))
+        elif part not in ("", "."):
+            resolved.append(part)
+            target = links.get("/".join(resolved))
+            if target is not None:
+                hops += 1
+                if hops > MAX_LINK_HOPS or target.startswith("/"):
+                    return False
+                resolved.pop()
+                todo.extendleft(reversed(target.split("/")))
     return True
 
 
-_KINDS = {
-    tarfile.CHRTYPE: "a character device",
-    tarfile.BLKTYPE: "a block device",
-    tarfile.FIFOTYPE: "a fifo",
-}
-
-
 class _Checker:
-    """Judges members one by one, in stream order, as extraction would meet them."""
+    """Judges members one by one in stream order, as extraction meets them."""
 
     def __init__(self, limits: BundleLimits) -> None:
-        self.limits = limits
-        self.members = 0
-        self.total = 0
+        self.limits, self.members, self.total = limits, 0, 0
         self.kinds: dict[str, str] = {}  # clean name -> "file" | "dir" | "link"
         self.parents: set[str] = set()
         self.links: dict[str, str] = {}
@@ -291,31 +247,24 @@ class _Checker:
                 f"bundle has more than {self.limits.max_members} members (at {m.name}); refusing it"
             )
         name = _clean_name(m.name)
-        if not name:
-            if m.isdir():
-                return name  # "./": the root itself
-            raise BundleError(f"bundle member {m.name!r} has no name; refusing it")
-        if name in self.kinds:
-            raise BundleError(f"bundle member {name} appears twice; refusing it")
-        parent = name
-        while "/" in parent:
-            parent = parent.rsplit("/", 1)[0]
+        if not name and m.isdir():
+            return name  # "./": the root itself
+        if not name or name in self.kinds:
+            raise BundleError(f"bundle member {m.name!r} is unnamed or repeated; refusing it")
+        for parent in _ancestors(name):
             if self.kinds.get(parent, "dir") != "dir":
                 raise BundleError(
-                    f"bundle member {name} lies under {parent}, which is not a directory "
-                    "(writing through a link or file); refusing it"
+                    f"bundle member {name} lies under {parent}, which is not a directory; "
+                    "refusing it"
                 )
         if m.isdir():
             kind = "dir"
         elif name in self.parents:
             raise BundleError(f"bundle member {name} replaces a directory; refusing it")
         elif m.issym():
-            kind = "link"
-            target = m.linkname
-            if not target or target.startswith("/"):
-                raise BundleError(f"bundle member {name} is a symlink to {target!r}; refusing it")
+            kind, target = "link", m.linkname
             joined = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
-            if joined == ".." or joined.startswith("../") or "\x00" in target:
+            if not target or posixpath.isabs(joined) or joined.split("/")[0] == "..":
                 raise BundleError(
                     f"bundle member {name} is a symlink to {target}, outside the job directory; "
                     "refusing it"
@@ -323,11 +272,7 @@ class _Checker:
             self.links[name] = target
         elif m.islnk():
             kind = "file"
-            try:
-                target = _clean_name(m.linkname)
-            except BundleError:
-                target = None
-            if target is None or self.kinds.get(target) != "file" or target in self.links:
+            if self.kinds.get(m.linkname.removeprefix("./")) != "file":
                 raise BundleError(
                     f"bundle member {name} is a hard link to {m.linkname}, which is not an "
                     "earlier file in the bundle; refusing it"
@@ -341,15 +286,10 @@ class _Checker:
                     f"{self.limits.max_total_bytes} bytes; refusing it"
                 )
         else:
-            what = _KINDS.get(m.type, f"a special file (type {m.type!r})")
-            raise BundleError(
-                f"bundle member {name} is {what}; only files, directories and links are allowed"
-            )
+            what = _SPECIAL.get(m.type, f"a special file (type {m.type!r})")
+            raise BundleError(f"bundle member {name} is {what}; only files, dirs and links allowed")
         self.kinds[name] = kind
-        parent = name
-        while "/" in parent:
-            parent = parent.rsplit("/", 1)[0]
-            self.parents.add(parent)
+        self.parents.update(_ancestors(name))
         return name
 
     def finish(self) -> None:
@@ -361,40 +301,31 @@ class _Checker:
                 )
 
 
+# visit(tar, member, clean name) may act on a checked member; True stops the scan early.
 Visitor = Callable[[tarfile.TarFile, tarfile.TarInfo, str], bool]
 
 
-def _padded(size: int) -> int:
-    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-
-
 def _scan(path: Path, limits: BundleLimits, visit: Visitor | None = None) -> BundleInfo | None:
-    """One pass over the bundle; `visit` may act on each checked member and return True to stop
-    early (then None is returned)."""
-    path = Path(path)
     try:
-        f = open(path, "rb")  # noqa: SIM115 - closed below, the open error needs its own text
+        f = open(path, "rb")  # noqa: SIM115 - closed below; the open error needs its own text
     except OSError as exc:
         raise BundleError(f"cannot read bundle {path}: {exc.strerror or exc}") from exc
     with f:
-        raw = _HashingReader(f)
-        meter = _Meter(gzip.GzipFile(fileobj=raw, mode="rb"), raw, limits)  # type: ignore[arg-type]
-        checker = _Checker(limits)
-        opened = False
+        raw = _Tap(f)  # type: ignore[arg-type]
+        meter, checker, opened = _Meter(raw, limits), _Checker(limits), False
         try:
             with tarfile.open(fileobj=meter, mode="r|") as tar:  # type: ignore[call-overload]
-                opened = True
-                tar.errorlevel = 2
+                opened, tar.errorlevel = True, 2
                 for member in tar:
                     meter.member = member.name
                     name = checker.check(member)
-                    meter.allowed = member.offset_data + _padded(member.size) + HEADER_ALLOWANCE
+                    padded = -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                    meter.allowed = member.offset_data + padded + HEADER_ALLOWANCE
                     if visit is not None and visit(tar, member, name):
                         return None
                 checker.finish()
-            meter.member = "(end of archive)"
-            meter.allowed = meter.out + HEADER_ALLOWANCE
-            while meter.read(CHUNK):  # reaches gzip's end, which checks its CRC and length
+            meter.member, meter.allowed = "(end of archive)", meter.out + HEADER_ALLOWANCE
+            while meter.read(CHUNK):  # on to gzip's end, which checks its CRC and length
                 pass
             while raw.read(CHUNK):
                 pass
@@ -411,37 +342,30 @@ def _scan(path: Path, limits: BundleLimits, visit: Visitor | None = None) -> Bun
                 f"bundle {path} is corrupt near member {meter.member} ({exc})"
             ) from exc
         except OSError as exc:
-            raise BundleError(
-                f"cannot unpack bundle {path} at member {meter.member}: {exc}"
-            ) from exc
+            raise BundleError(f"cannot unpack {path} at member {meter.member}: {exc}") from exc
     return BundleInfo(raw.digest.hexdigest(), raw.count, checker.members, checker.total)
 
 
 def inspect_bundle(path: Path, limits: BundleLimits = BundleLimits()) -> BundleInfo:  # noqa: B008
     """Read the whole bundle once without extracting; BundleError if anything is hostile."""
-    info = _scan(path, limits)
+    info = _scan(Path(path), limits)
     assert info is not None
     return info
 
 
 def read_member(path: Path, name: str, *, max_bytes: int = 1 << 20) -> bytes | None:
     """The contents of regular-file member `name` (e.g. "relaymd.yaml"), or None if absent."""
-    wanted = _clean_name(name)
-    found: list[bytes] = []
+    wanted, found = _clean_name(name), []
 
     def visit(tar: tarfile.TarFile, member: tarfile.TarInfo, clean: str) -> bool:
         if clean != wanted or not member.isreg():
             return False
         if member.size > max_bytes:
-            raise BundleError(
-                f"bundle member {clean} is {member.size} bytes, more than {max_bytes}; refusing it"
-            )
-        data = tar.extractfile(member)
-        assert data is not None
-        found.append(data.read())
+            raise BundleError(f"bundle member {clean} is over {max_bytes} bytes; refusing it")
+        found.append(tar.extractfile(member).read())  # type: ignore[union-attr]
         return True
 
-    _scan(path, BundleLimits(), visit)
+    _scan(Path(path), BundleLimits(), visit)
     return found[0] if found else None
 
 
@@ -467,30 +391,22 @@ def extract_bundle(
 
     def visit(tar: tarfile.TarFile, member: tarfile.TarInfo, clean: str) -> bool:
         if clean:
-            target = os.path.join(root, clean)
-            if not os.path.lexists(target):
-                created.append(target)
+            for target in [*_ancestors(clean), clean]:
+                if not os.path.lexists(os.path.join(root, target)):
+                    created.append(os.path.join(root, target))
             tar.extract(member, path=root, set_attrs=True, filter="data")
         return False
 
     try:
-        info = _scan(path, limits, visit)
+        info = _scan(Path(path), limits, visit)
     except BaseException:
         if not existed:
             shutil.rmtree(dest, ignore_errors=True)
-        else:
-            _remove_created(created)
+        for target in reversed(created if existed else []):
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target, ignore_errors=True)
+            elif os.path.lexists(target):
+                os.unlink(target)
         raise
     assert info is not None
     return info
-
-
-def _remove_created(paths: list[str]) -> None:
-    for target in reversed(paths):
-        try:
-            if os.path.isdir(target) and not os.path.islink(target):
-                shutil.rmtree(target, ignore_errors=True)
-            else:
-                os.unlink(target)
-        except OSError:
-            pass
