@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -79,6 +80,11 @@ class Client:
                  transport: httpx.BaseTransport | None = None) -> None:
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if transport is None:
+            # Without TCP_NODELAY a POST's body waits on the server's delayed ACK of its
+            # headers (Nagle): ~40 ms per call instead of ~1 ms.
+            transport = httpx.HTTPTransport(
+                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout,
                                  transport=transport)
 

@@ -259,20 +259,19 @@ class Service:
     async def heartbeat(self, worker_id: str, job_id: str | None, attempt: int | None,
                         progress: dict[str, Any] | None) -> HeartbeatReply:
         self.last_seen[worker_id] = self.clock()
-        worker = await self.store.run(self.store.get_worker, worker_id)
-        if worker is None or worker["status"] == WorkerStatus.gone:
+        if job_id is not None and attempt is None:
+            raise BadRequest("heartbeat with job_id needs its attempt")
+        status, job = await self.store.run(self.store.heartbeat_view, worker_id, job_id)
+        if status is None or status == WorkerStatus.gone:
             return HeartbeatReply(directive="exit", reason="worker is deregistered")
-        if worker["status"] == WorkerStatus.quarantined:
+        if status == WorkerStatus.quarantined:
             return HeartbeatReply(directive="exit",
                                   reason="worker quarantined after repeated job failures")
-        if worker["status"] == WorkerStatus.stale:
+        if status == WorkerStatus.stale:
             await self.machine.change_worker(worker_id, "revive", "heartbeat after silence")
             self.changed("workers")
         if job_id is None:
             return HeartbeatReply()
-        if attempt is None:
-            raise BadRequest("heartbeat with job_id needs its attempt")
-        job = await self.store.run(self.store.get_job, job_id)
         if job is None:
             raise NotFound(f"no job {job_id}")
         holds = job["worker_id"] == worker_id and job["attempt"] == attempt

@@ -429,6 +429,18 @@ class Store:
         row = self.conn.execute("SELECT * FROM workers WHERE id = ?", [worker_id]).fetchone()
         return dict(row) if row else None
 
+    def heartbeat_view(self, worker_id: str, job_id: str | None
+                       ) -> tuple[str | None, dict[str, Any] | None]:
+        """The hot path's one read: the worker's status and the lease fields of its job."""
+        row = self.conn.execute("SELECT status FROM workers WHERE id = ?", [worker_id]).fetchone()
+        job = None
+        if job_id is not None:
+            found = self.conn.execute(
+                "SELECT status, attempt, worker_id FROM jobs WHERE id = ?", [job_id]
+            ).fetchone()
+            job = dict(found) if found else None
+        return (row[0] if row else None), job
+
     def list_workers(self, statuses: Sequence[str] | None = None) -> list[dict[str, Any]]:
         if statuses:
             marks = ", ".join("?" for _ in statuses)
