@@ -176,6 +176,7 @@ def auth_headers_raw(headers: bytes, content_type: str) -> bytes:
 @dataclass
 class Kind:
     latencies: list[float] = field(default_factory=list)
+    done_at: list[float] = field(default_factory=list)  # time.perf_counter() at completion
     errors: int = 0
     no_content: int = 0  # 204 answers (claims with nothing left to claim)
     messages: list[str] = field(default_factory=list)
@@ -204,10 +205,14 @@ class Recorder:
         try:
             status, data = await pool.request(method, path, headers, body)
         except Exception as exc:
-            k.latencies.append(time.perf_counter() - started)
+            now = time.perf_counter()
+            k.latencies.append(now - started)
+            k.done_at.append(now)
             k.error(f"{type(exc).__name__}: {exc}")
             return None
-        k.latencies.append(time.perf_counter() - started)
+        now = time.perf_counter()
+        k.latencies.append(now - started)
+        k.done_at.append(now)
         if status == 204:
             if allow_204:
                 k.no_content += 1
@@ -225,9 +230,12 @@ def pct(sorted_values: list[float], q: float) -> float:
     return sorted_values[i]
 
 
-def summary(k: Kind, seconds: float) -> dict[str, float]:
+def summary(k: Kind, seconds: float, window: tuple[float, float] | None = None
+            ) -> dict[str, float]:
+    """Latency figures; the rate counts only completions inside `window` when one is given."""
     lat = sorted(k.latencies)
-    return {"count": len(lat), "rate": len(lat) / seconds if seconds > 0 else 0.0,
+    n = len(lat) if window is None else sum(1 for t in k.done_at if window[0] <= t <= window[1])
+    return {"count": len(lat), "rate": n / seconds if seconds > 0 else 0.0,
             "p50": pct(lat, 0.50) * 1000, "p99": pct(lat, 0.99) * 1000,
             "max": (lat[-1] * 1000) if lat else float("nan"), "errors": k.errors}
 
@@ -449,7 +457,9 @@ class Bench:
                 kind.error(f"{type(exc).__name__}: {exc}")
                 return
             finally:
-                kind.latencies.append(time.perf_counter() - t)
+                now = time.perf_counter()
+                kind.latencies.append(now - t)
+                kind.done_at.append(now)
             body = json.dumps({"attempt": w.attempt, "seq": reserved["seq"],
                                "sha256": CHECKPOINT_SHA, "size": len(CHECKPOINT_BYTES),
                                "progress": {"done": w.beats * 1000, "total": 10**9}}).encode()
@@ -503,12 +513,13 @@ class Bench:
                     break
             next_t += 1.0
             delay = next_t - loop.time()
-            if delay > 0:
+            if next_t < end and delay > 0:
                 await asyncio.sleep(delay)
 
-    async def steady(self) -> float:
+    async def steady(self) -> tuple[float, float]:
+        """Run the steady phase; returns its window in time.perf_counter() terms."""
         loop = asyncio.get_running_loop()
-        t0 = loop.time() + 0.2
+        t0, p0 = loop.time() + 0.2, time.perf_counter() + 0.2
         end = t0 + self.args.duration
         tasks: set[asyncio.Task[None]] = set()
         live = [w for w in self.workers if w.worker_id]
@@ -516,7 +527,7 @@ class Bench:
                              *(self.heartbeat_loop(w, t0, end, tasks) for w in live))
         if tasks:
             await asyncio.wait(tasks, timeout=60)
-        return loop.time() - t0
+        return p0, p0 + self.args.duration
 
     # ---------------------------------------------------------------- verification
 
@@ -569,10 +580,12 @@ async def run(args: argparse.Namespace, url: str, op: str, wk: str, storage_url:
 
         gc.collect()
         gc.freeze()
-        cpu0 = time.process_time()
+        cpu0, wall0 = time.process_time(), time.perf_counter()
         srv0 = cpu_seconds(server_pid) if server_pid else {}
-        steady_s = await b.steady()
-        load_cpu = time.process_time() - cpu0
+        window = await b.steady()
+        steady_s = args.duration
+        tail = time.perf_counter() - window[1]
+        load_cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
         srv1 = cpu_seconds(server_pid) if server_pid else {}
 
         held = await b.holders()
@@ -588,26 +601,31 @@ async def run(args: argparse.Namespace, url: str, op: str, wk: str, storage_url:
         failures += mismatched + multi
 
         print()
-        rows = [("heartbeat", summary(b.rec.kind("heartbeat"), steady_s)),
-                ("claim (storm)", summary(ck, claim_s))]
+        def steady_row(name: str) -> dict[str, float]:
+            return summary(b.rec.kind(name), steady_s, window)
+
+        rows = [("heartbeat", steady_row("heartbeat")), ("claim (storm)", summary(ck, claim_s))]
         if b.storage is not None:
-            rows += [("checkpoint reserve", summary(b.rec.kind("checkpoint:reserve"), steady_s)),
-                     ("checkpoint report", summary(b.rec.kind("checkpoint"), steady_s)),
-                     ("  (storage put)", summary(b.rec.kind("checkpoint:upload"), steady_s))]
-        rows.append(("job listing (page)", summary(b.rec.kind("list_jobs"), steady_s)))
+            rows += [("checkpoint reserve", steady_row("checkpoint:reserve")),
+                     ("checkpoint report", steady_row("checkpoint")),
+                     ("  (storage put)", steady_row("checkpoint:upload"))]
+        rows.append(("job listing (page)", steady_row("list_jobs")))
         print_table(rows)
         hb = rows[0][1]
         offered = ok_workers / args.heartbeat_interval
         print(f"\nheartbeats: achieved {hb['rate']:.0f}/s of {offered:.0f}/s offered "
-              f"({100 * hb['rate'] / offered if offered else 0:.1f}%) over {steady_s:.1f}s")
+              f"({100 * hb['rate'] / offered if offered else 0:.1f}%), counting answers within "
+              f"the {steady_s:g}s window ({tail:.2f}s more to drain the last requests)")
+        print("(rates: completions inside the steady window / its length; latency: from the "
+              "simulated worker's call, waiting for a free connection included)")
         total = sum(len(k.latencies) for n, k in b.rec.kinds.items()
                     if not n.startswith(("setup", "checkpoint:upload")) and n != "claim")
-        print(f"steady phase: {total} requests ({total / steady_s:.0f}/s); load generator used "
-              f"{load_cpu:.1f}s CPU ({100 * load_cpu / steady_s:.0f}% of one core)")
+        print(f"steady phase: {total} requests in {wall:.1f}s ({total / wall:.0f}/s); load "
+              f"generator used {load_cpu:.1f}s CPU ({100 * load_cpu / wall:.0f}% of one core)")
         if srv1:
             main = srv1.get(server_pid, 0) - srv0.get(server_pid, 0)  # type: ignore[arg-type]
             allt = sum(srv1.values()) - sum(srv0.get(t, 0) for t in srv1)
-            print(f"server CPU: {allt:.1f}s ({100 * allt / steady_s:.0f}% of one core; "
+            print(f"server CPU: {allt:.1f}s ({100 * allt / wall:.0f}% of one core; "
                   f"event-loop thread {main:.1f}s, other threads {allt - main:.1f}s); "
                   f"{1e6 * allt / total if total else 0:.0f} us CPU per request")
         if b.pool.reconnects:

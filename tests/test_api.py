@@ -18,10 +18,13 @@ from relaymd.storage import open_storage
 from .conftest import FakeClock, RunningOrchestrator, submit
 
 
+_http = httpx.Client(timeout=10)  # one client: building an SSL context per call costs ~40 ms
+
+
 def raw(server: RunningOrchestrator, method: str, path: str, token: str | None = None,
         **kw) -> httpx.Response:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.request(method, server.url + path, headers=headers, timeout=10, **kw)
+    return _http.request(method, server.url + path, headers=headers, **kw)
 
 
 # ---------------------------------------------------------------- claim storm
