@@ -21,6 +21,7 @@ import yaml
 from click_default_group import DefaultGroup
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from relaymd import __version__
@@ -137,6 +138,31 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
         pass
 
 
+@main.command()
+@click.option("--orchestrator", "url", help="orchestrator URL (RELAYMD_URL)")
+@click.option("--token", help="worker bootstrap token (RELAYMD_WORKER_TOKEN)")
+@click.option("--idle", type=click.Choice(["immediate_exit", "poll_then_exit"]),
+              help="when no job is claimable: exit at once, or poll a while first")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+              help="where job dirs are unpacked (RELAYMD_WORKER_WORKDIR)")
+@click.pass_context
+def worker(ctx: click.Context, url: str | None, token: str | None, idle: str | None,
+           workdir: Path | None) -> None:
+    """Run a worker: claim jobs, run their engine, ship checkpoints, hand back in time."""
+    from relaymd.worker.main import run_worker, setup_worker_logging
+
+    settings = settings_of(ctx, url=url, worker_idle=idle, worker_workdir=workdir)
+    setup_worker_logging()
+    bootstrap = token or discover_token(settings, "worker")
+    if not bootstrap:
+        die("no worker token: pass --token or set RELAYMD_WORKER_TOKEN", 2)
+    try:
+        code = asyncio.run(run_worker(settings, discover_url(settings), bootstrap))
+    except ApiError as exc:
+        die(exc.message)
+    sys.exit(code)
+
+
 def bundle_spec_for(src: Path, command: str | None, checkpoint: tuple[str, ...],
                     gpus: int | None, max_attempts: int | None) -> dict[str, Any]:
     """relaymd.yaml contents: the directory's own file with the command-line flags on top."""
@@ -152,12 +178,20 @@ def bundle_spec_for(src: Path, command: str | None, checkpoint: tuple[str, ...],
         data = loaded
     elif command is None:
         die(f"{src} has no relaymd.yaml; pass --command (and --checkpoint) to write one", 2)
+    def section(name: str) -> dict[str, Any]:
+        value = data.get(name)
+        if value is None:
+            value = data[name] = {}
+        if not isinstance(value, dict):
+            die(f"{path}: {name}: must be a mapping to combine it with --{name}", 2)
+        return value
+
     if command is not None:
         data["command"] = command
     if checkpoint:
-        data.setdefault("checkpoint", {})["paths"] = list(checkpoint)
+        section("checkpoint")["paths"] = list(checkpoint)
     if gpus is not None:
-        data.setdefault("resources", {})["gpus"] = gpus
+        section("resources")["gpus"] = gpus
     if max_attempts is not None:
         data["max_attempts"] = max_attempts
     try:
@@ -213,7 +247,7 @@ def jobs_table(jobs: list[Job]) -> Table:
     for col in ("ID", "TITLE", "STATUS", "PROGRESS", "ATT", "CKPT", "WORKER", "AGE", "LAST CKPT"):
         table.add_column(col, no_wrap=col != "TITLE", overflow="ellipsis")
     for j in jobs:
-        table.add_row(j.id[:8], j.title, styled(j.status), progress_text(j),
+        table.add_row(j.id[:8], escape(j.title), styled(j.status), progress_text(j),
                       f"{j.attempt}", f"{j.checkpoints}", (j.worker_id or "-")[:8],
                       age(j.created_at), age(j.last_checkpoint_at))
     return table
@@ -250,16 +284,16 @@ def job(ctx: click.Context, job_ref: str, url: str | None, as_json: bool) -> Non
         emit_json(detail)
         return
     out = Console()
-    out.print(f"[bold]job {detail.id}[/]  {detail.title}")
+    out.print(f"[bold]job {detail.id}[/]  {escape(detail.title)}")
     out.print(f"  status     {styled(detail.status)}   attempt {detail.attempt}   "
               f"failures {detail.failures}/{detail.max_attempts}")
-    out.print(f"  command    {detail.command}")
+    out.print(f"  command    {escape(detail.command)}")
     out.print(f"  progress   {progress_text(detail)}")
     out.print(f"  worker     {detail.worker_id or '-'}")
     out.print(f"  created    {detail.created_at:%Y-%m-%d %H:%M:%S} UTC ({age(detail.created_at)} ago)")
     if detail.last_failure:
         f = detail.last_failure
-        out.print(f"  last failure (attempt {f.attempt}, exit {f.exit_code}): {f.reason}")
+        out.print(f"  last failure (attempt {f.attempt}, exit {f.exit_code}): {escape(f.reason)}")
         for line in f.log_tail.splitlines()[-10:]:
             out.print(f"    | {line}", markup=False, highlight=False)
     if detail.checkpoint_list:
@@ -273,7 +307,7 @@ def job(ctx: click.Context, job_ref: str, url: str | None, as_json: bool) -> Non
                   header_style="bold")
     for e in detail.events:
         table.add_row(f"{e.at:%m-%d %H:%M:%S}", e.kind, e.from_status or "-", e.to_status or "-",
-                      str(e.attempt or "-"), (e.worker_id or "-")[:8], e.reason)
+                      str(e.attempt or "-"), (e.worker_id or "-")[:8], escape(e.reason))
     out.print("  events")
     out.print(table)
 
@@ -318,8 +352,8 @@ def workers_table(workers: list[Worker]) -> Table:
         left = "-"
         if w.wall_time_end is not None:
             left = age(now, w.wall_time_end) if w.wall_time_end > now else "ended"
-        table.add_row(w.id[:8], w.cluster, w.hostname, w.platform or "-",
-                      f"{w.gpus} {w.gpu_model}".strip(), styled(w.status), (w.job_id or "-")[:8],
+        table.add_row(w.id[:8], escape(w.cluster), escape(w.hostname), escape(w.platform or "-"),
+                      escape(f"{w.gpus} {w.gpu_model}".strip()), styled(w.status), (w.job_id or "-")[:8],
                       age(w.last_heartbeat_at, now), left)
     return table
 

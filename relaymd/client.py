@@ -61,9 +61,11 @@ def discover_url(settings: Settings) -> str:
 
 
 def discover_token(settings: Settings, kind: str = "operator") -> str | None:
-    """RELAYMD_TOKEN / config `token`, else the token file of this home (same machine)."""
-    if settings.token is not None:
-        return settings.token.get_secret_value()
+    """The configured token (RELAYMD_TOKEN for operators, RELAYMD_WORKER_TOKEN for workers),
+    else the token file of this home (same machine)."""
+    configured = settings.worker_token if kind == "worker" else settings.token
+    if configured is not None:
+        return configured.get_secret_value()
     env = os.environ.get(f"RELAYMD_{kind.upper()}_TOKEN")
     if env:
         return env

@@ -7,11 +7,20 @@ $RELAYMD_HOME), a SQLite file, `file://` storage, API on 127.0.0.1:8765.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "RELAYMD_"
 
@@ -20,19 +29,21 @@ class ConfigError(Exception):
     """A config file or environment value is unusable; the message names the field and the fix."""
 
 
-def default_home() -> Path:
-    env = os.environ.get("RELAYMD_HOME")
+def default_home(environ: Mapping[str, str] | None = None) -> Path:
+    environ = os.environ if environ is None else environ
+    env = environ.get("RELAYMD_HOME")
     if env:
         return Path(env).expanduser()
-    xdg = os.environ.get("XDG_DATA_HOME")
+    xdg = environ.get("XDG_DATA_HOME")
     return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "relaymd"
 
 
-def default_config_path() -> Path:
-    env = os.environ.get("RELAYMD_CONFIG")
+def default_config_path(environ: Mapping[str, str] | None = None) -> Path:
+    environ = os.environ if environ is None else environ
+    env = environ.get("RELAYMD_CONFIG")
     if env:
         return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CONFIG_HOME")
+    xdg = environ.get("XDG_CONFIG_HOME")
     return (Path(xdg) if xdg else Path.home() / ".config") / "relaymd" / "config.yaml"
 
 
@@ -62,6 +73,23 @@ class Settings(BaseModel):
     max_bundle_bytes: int = Field(default=4 << 30, ge=1024)  # uploaded job bundles
     default_max_attempts: int = Field(default=3, ge=1)
 
+    # Worker side (`relaymd worker`; containers set these as RELAYMD_* variables).
+    worker_idle: Literal["immediate_exit", "poll_then_exit"] = "immediate_exit"
+    worker_poll_interval: float = Field(default=30.0, gt=0)  # poll_then_exit: between claims
+    worker_poll_max: float = Field(default=600.0, ge=0)  # poll_then_exit: idle time before exit
+    worker_workdir: Path | None = None  # default: {home}/work
+    cluster: str = "local"
+    platform: Literal["hpc", "salad", "local"] = "local"
+    handoff_margin: float = Field(default=300.0, ge=0)  # hand back this long before the end
+    min_segment: float = Field(default=600.0, ge=0)  # don't claim with less allocation left
+    shutdown_wait: float = Field(default=90.0, gt=0)  # engine's time to write a last checkpoint
+    retry_max_delay: float = Field(default=30.0, gt=0)  # cap of the backoff between retries
+
+    @field_validator("home", "database", "tokens_file", "log_file", "worker_workdir")
+    @classmethod
+    def _expand_user(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser()
+
     @model_validator(mode="after")
     def _timeout_exceeds_interval(self) -> Settings:
         if self.heartbeat_timeout <= self.heartbeat_interval:
@@ -89,6 +117,10 @@ class Settings(BaseModel):
         return self.log_file or self.home / "relaymd.log"
 
     @property
+    def workdir(self) -> Path:
+        return self.worker_workdir or self.home / "work"
+
+    @property
     def endpoint_file(self) -> Path:
         """Where a running orchestrator writes the URL it actually bound (port 0 included)."""
         return self.home / "orchestrator.json"
@@ -103,15 +135,17 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def _format_errors(exc: ValidationError, source: str) -> str:
-    lines = []
+def _format_errors(exc: ValidationError, sources: dict[str, str], fallback: str) -> str:
+    """One line naming each bad field and where its value came from."""
+    parts = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        where = ".".join(str(p) for p in err["loc"]) or "(settings)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown setting (check the spelling)"
-        lines.append(f"{source}: {where}: {msg}")
-    return "\n".join(lines)
+        source = sources.get(str(err["loc"][0]) if err["loc"] else "", fallback)
+        parts.append(f"{source}: {where}: {msg}")
+    return "; ".join(parts)
 
 
 def load_settings(
@@ -119,36 +153,34 @@ def load_settings(
     overrides: dict[str, Any] | None = None,
     environ: dict[str, str] | None = None,
 ) -> Settings:
-    """Defaults < config file < environment < explicit overrides (CLI flags)."""
+    """Defaults < config file < environment < explicit overrides (CLI flags), validated once
+    together, so a constraint between two settings sees their final values."""
     environ = dict(os.environ) if environ is None else environ
-    explicit = config_path is not None or "RELAYMD_CONFIG" in environ
-    path = config_path or default_config_path()
+    explicit = config_path is not None or bool(environ.get("RELAYMD_CONFIG"))
+    path = config_path or default_config_path(environ)
     data: dict[str, Any] = {}
     if path.exists():
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            problem = str(exc).replace("\n", " ")
+            raise ConfigError(f"{path}: not valid YAML: {problem}") from None
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
+            raise ConfigError(f"{path}: expected a mapping of settings, "
+                              f"got {type(loaded).__name__}")
         data.update(loaded)
     elif explicit:
         raise ConfigError(f"{path}: config file not found (given by --config or RELAYMD_CONFIG)")
-    try:
-        settings = Settings.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, str(path))) from None
     env = _env_overrides(environ)
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    sources = {k: str(path) for k in data}
+    sources.update({k: f"environment ({ENV_PREFIX}{k.upper()})" for k in env})
+    sources.update({k: "command line" for k in flags})
+    merged = {"home": default_home(environ), **data, **env, **flags}
     try:
-        settings = Settings.model_validate({**data, **env})
+        return Settings.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, "environment (RELAYMD_*)")) from None
-    if overrides:
-        clean = {k: v for k, v in overrides.items() if v is not None}
-        try:
-            settings = Settings.model_validate({**settings.model_dump(), **clean})
-        except ValidationError as exc:
-            raise ConfigError(_format_errors(exc, "command line")) from None
-    return settings
+        fallback = str(path) if data else "settings"
+        raise ConfigError(_format_errors(exc, sources, fallback)) from None

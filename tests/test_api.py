@@ -17,7 +17,6 @@ from relaymd.storage import open_storage
 
 from .conftest import FakeClock, RunningOrchestrator, submit
 
-
 _http = httpx.Client(timeout=10)  # one client: building an SSL context per call costs ~40 ms
 
 

@@ -200,7 +200,9 @@ class Service:
             except ValueError:
                 raise BadRequest(f"invalid cursor {cursor!r}") from None
         rows, nxt = await self.store.run(self.store.list_jobs, statuses, limit, after)
-        return JobPage(jobs=[job_from_row(r) for r in rows],
+        live = self._progress
+        return JobPage(jobs=[job_from_row(r, live[r["id"]][2] if r["id"] in live else None)
+                             for r in rows],
                        next_cursor=None if nxt is None else str(nxt))
 
     async def get_job(self, ref: str) -> JobDetail:

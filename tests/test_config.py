@@ -1,0 +1,249 @@
+"""Settings loading (defaults < file < environment < flags) and the operator/worker token file."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from relaymd.config import ConfigError, Settings, load_settings
+from relaymd.server.auth import TokenFileError, load_or_create_tokens
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture(autouse=True)
+def user_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Keep the developer's own environment and ~/.config/relaymd out of every test."""
+    for name in list(os.environ):
+        if name.startswith("RELAYMD_") or name in ("XDG_CONFIG_HOME", "XDG_DATA_HOME"):
+            monkeypatch.delenv(name)
+    home = tmp_path / "user"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
+def config_file(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def config_error(config: Path | None = None, overrides: dict[str, Any] | None = None,
+                 environ: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as err:
+        load_settings(config, overrides, environ if environ is not None else {})
+    return str(err.value)
+
+
+# ---------------------------------------------------------------- defaults and precedence
+
+
+def test_no_file_and_no_environment_gives_the_embedded_default(user_home: Path) -> None:
+    s = load_settings(None, None, {})
+    home = user_home / ".local" / "share" / "relaymd"
+    assert (s.home, s.host, s.port) == (home, "127.0.0.1", 8765)
+    assert s.database_path == home / "relaymd.db", s.database_path
+    assert s.storage == f"file://{home}/storage", s.storage
+    assert (s.tokens_path, s.log_path, s.endpoint_file) == \
+        (home / "tokens.json", home / "relaymd.log", home / "orchestrator.json")
+    assert (s.heartbeat_interval, s.heartbeat_timeout) == (15, 45)
+    assert (s.url, s.token, s.operator_token, s.worker_token) == (None, None, None, None)
+
+
+def test_readme_configuration_block_lists_the_real_defaults(user_home: Path) -> None:
+    block = re.search(r"## Configuration.*?```yaml\n(.*?)```", README.read_text(), re.S)
+    assert block, "README has no ```yaml block under ## Configuration"
+    documented = yaml.safe_load(block.group(1))
+    defaults = load_settings(None, None, {})
+    for key, value in documented.items():
+        assert key in Settings.model_fields, f"README documents unknown setting {key!r}"
+        actual = getattr(defaults, key)
+        if key == "home":
+            value = Path(value).expanduser()
+        assert actual == value, f"README says {key}: {value!r}, the default is {actual!r}"
+
+
+def test_an_empty_config_file_means_defaults(tmp_path: Path) -> None:
+    assert load_settings(config_file(tmp_path, ""), None, {}).port == 8765
+
+
+def test_file_sets_values_env_beats_file_and_flags_beat_env(tmp_path: Path) -> None:
+    path = config_file(tmp_path, "port: 9001\nhost: 0.0.0.0\nstorage_url: s3://bucket/relaymd\n"
+                                 "heartbeat_interval: 5\nheartbeat_timeout: 20\n")
+    s = load_settings(path, None, {})
+    assert (s.port, s.host, s.storage, s.heartbeat_interval, s.heartbeat_timeout) == \
+        (9001, "0.0.0.0", "s3://bucket/relaymd", 5, 20)
+
+    env = {"RELAYMD_PORT": "9002", "RELAYMD_HEARTBEAT_TIMEOUT": "30"}
+    s = load_settings(path, None, env)
+    assert (s.port, s.host, s.heartbeat_timeout) == (9002, "0.0.0.0", 30), "env did not beat file"
+
+    s = load_settings(path, {"port": 9003, "host": None}, env)
+    assert s.port == 9003, "a command-line flag did not beat the environment"
+    assert s.host == "0.0.0.0", "an unset flag (None) overrode the file"
+    assert s.heartbeat_timeout == 30, "applying flags dropped the environment's values"
+
+
+def test_empty_env_value_counts_as_unset(tmp_path: Path) -> None:
+    s = load_settings(config_file(tmp_path, "port: 9001\n"), None, {"RELAYMD_PORT": ""})
+    assert s.port == 9001
+
+
+def test_relaymd_home_moves_every_derived_path(tmp_path: Path) -> None:
+    home = tmp_path / "data"
+    s = load_settings(None, None, {"RELAYMD_HOME": str(home)})
+    assert s.home == home
+    derived = {"database": s.database_path, "tokens": s.tokens_path, "log": s.log_path,
+               "endpoint": s.endpoint_file}
+    for what, path in derived.items():
+        assert path.parent == home, f"{what} path {path} is not under RELAYMD_HOME {home}"
+    assert s.storage == f"file://{home}/storage", s.storage
+
+    pinned = load_settings(config_file(tmp_path, f"database: {tmp_path}/local/relaymd.db\n"),
+                           None, {"RELAYMD_HOME": str(home)})
+    assert pinned.database_path == tmp_path / "local" / "relaymd.db", "explicit database moved"
+
+
+def test_tilde_in_home_is_expanded(tmp_path: Path, user_home: Path) -> None:
+    s = load_settings(config_file(tmp_path, "home: ~/.local/share/relaymd\n"), None, {})
+    assert s.home == user_home / ".local" / "share" / "relaymd", f"home is {s.home!r}"
+
+
+def test_relaymd_config_in_the_process_environment_is_used(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELAYMD_CONFIG", str(config_file(tmp_path, "port: 9100\n", "elsewhere.yaml")))
+    assert load_settings().port == 9100, "RELAYMD_CONFIG file was not read"
+
+    missing = tmp_path / "gone.yaml"
+    monkeypatch.setenv("RELAYMD_CONFIG", str(missing))
+    with pytest.raises(ConfigError, match=re.escape(str(missing))):
+        load_settings()
+
+
+def test_relaymd_config_in_the_environ_argument_is_used(tmp_path: Path) -> None:
+    path = config_file(tmp_path, "port: 9100\n", "elsewhere.yaml")
+    assert load_settings(None, None, {"RELAYMD_CONFIG": str(path)}).port == 9100
+
+
+def test_heartbeat_check_applies_to_file_and_environment_combined(tmp_path: Path) -> None:
+    path = config_file(tmp_path, "heartbeat_interval: 60\n")
+    s = load_settings(path, None, {"RELAYMD_HEARTBEAT_TIMEOUT": "180"})
+    assert (s.heartbeat_interval, s.heartbeat_timeout) == (60, 180)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_explicit_missing_config_file_is_an_error_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    err = config_error(missing)
+    assert str(missing) in err and "not found" in err, err
+
+
+def test_invalid_yaml_is_an_error(tmp_path: Path) -> None:
+    path = config_file(tmp_path, "port: [9000\n")
+    err = config_error(path)
+    assert str(path) in err and "not valid YAML" in err, err
+
+
+def test_top_level_list_is_an_error(tmp_path: Path) -> None:
+    err = config_error(config_file(tmp_path, "- port\n- 9000\n"))
+    assert "expected a mapping" in err and "list" in err, err
+
+
+def test_unknown_key_is_named_as_unknown(tmp_path: Path) -> None:
+    err = config_error(config_file(tmp_path, "heartbeat_intervall: 10\n"))
+    assert "heartbeat_intervall" in err and "unknown" in err, err
+
+
+def test_wrong_type_names_the_field_and_the_file(tmp_path: Path) -> None:
+    path = config_file(tmp_path, "port: abc\n")
+    err = config_error(path)
+    assert f"{path}: port:" in err, err
+
+
+def test_bad_environment_value_names_the_field_and_the_environment() -> None:
+    err = config_error(environ={"RELAYMD_HEARTBEAT_TIMEOUT": "soon"})
+    assert "heartbeat_timeout" in err and "environment" in err, err
+
+
+def test_bad_command_line_value_names_the_field() -> None:
+    err = config_error(overrides={"port": 70000})
+    assert "command line" in err and "port" in err, err
+
+
+@pytest.mark.parametrize("source", ["file", "environment"])
+def test_heartbeat_timeout_must_exceed_interval(tmp_path: Path, source: str) -> None:
+    if source == "file":
+        err = config_error(config_file(tmp_path, "heartbeat_interval: 30\nheartbeat_timeout: 30\n"))
+    else:
+        err = config_error(environ={"RELAYMD_HEARTBEAT_INTERVAL": "50"})
+    assert "heartbeat_timeout" in err and "longer than" in err and "heartbeat_interval" in err, err
+
+
+def test_cli_with_missing_config_exits_2_with_one_line(tmp_path: Path, user_home: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAYMD_")}
+    result = subprocess.run([sys.executable, "-m", "relaymd", "--config", "/nonexistent/relaymd.yaml",
+                             "jobs"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, f"exit {result.returncode}: {result.stderr!r}"
+    assert result.stderr == "relaymd: /nonexistent/relaymd.yaml: config file not found " \
+        "(given by --config or RELAYMD_CONFIG)\n", result.stderr
+
+
+def test_several_config_errors_still_make_one_line(tmp_path: Path) -> None:
+    err = config_error(config_file(tmp_path, "port: abc\nhost: [1]\n"))
+    assert "port" in err and "host" in err, err
+    assert "\n" not in err, f"config error spans lines: {err!r}"
+
+
+# ---------------------------------------------------------------- token file
+
+
+def make_settings(tmp_path: Path, **kw: Any) -> Settings:
+    return Settings(home=tmp_path / "orch", **kw)
+
+
+def test_tokens_file_is_created_0600_and_stable(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    first = load_or_create_tokens(settings)
+    path = settings.tokens_path
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600, f"{path} mode {path.stat().st_mode:o}"
+    assert json.loads(path.read_text()) == {"operator": first.operator, "worker": first.worker}
+    assert first.operator != first.worker and min(len(first.operator), len(first.worker)) >= 32
+    assert load_or_create_tokens(settings) == first, "second start changed the tokens"
+
+
+def test_configured_tokens_win_over_the_file(tmp_path: Path) -> None:
+    generated = load_or_create_tokens(make_settings(tmp_path))
+    configured = load_or_create_tokens(make_settings(tmp_path, operator_token="op-from-env"))
+    assert (configured.operator, configured.worker) == ("op-from-env", generated.worker)
+    env = load_settings(None, None, {"RELAYMD_HOME": str(tmp_path / "orch"),
+                                     "RELAYMD_WORKER_TOKEN": "wk-from-env"})
+    assert load_or_create_tokens(env).worker == "wk-from-env", "RELAYMD_WORKER_TOKEN ignored"
+
+
+def test_world_readable_tokens_file_is_refused(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    load_or_create_tokens(settings)
+    settings.tokens_path.chmod(0o644)
+    with pytest.raises(TokenFileError, match=r"chmod 600"):
+        load_or_create_tokens(settings)
+
+
+def test_corrupt_tokens_file_is_refused(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    settings.home.mkdir()
+    settings.tokens_path.write_text("{not json")
+    settings.tokens_path.chmod(0o600)
+    with pytest.raises(TokenFileError, match=re.escape(str(settings.tokens_path))):
+        load_or_create_tokens(settings)
