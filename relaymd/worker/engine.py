@@ -1,0 +1,72 @@
+"""The engine subprocess: started in its own process group, output to a log file, stopped
+politely (SIGTERM to the group) and then firmly (SIGKILL) if it does not exit in time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, command: str, job_dir: Path, log_path: Path,
+                 env: dict[str, str] | None = None) -> None:
+        self.command = command
+        self.job_dir = job_dir
+        self.log_path = log_path
+        self.env = env
+        self.proc: asyncio.subprocess.Process | None = None
+        self.stopped_by_us = False
+
+    async def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as out:  # noqa: ASYNC230 (a local file, opened once)
+            self.proc = await asyncio.create_subprocess_shell(
+                self.command, cwd=self.job_dir, stdin=asyncio.subprocess.DEVNULL,
+                stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, **(self.env or {})},
+            )
+        log.info("engine started", extra={"pid": self.proc.pid, "command": self.command})
+
+    async def wait(self) -> int:
+        assert self.proc is not None
+        return await self.proc.wait()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def signal_group(self, sig: int) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
+
+    async def stop(self, grace: float) -> int | None:
+        """SIGTERM the engine's process group; SIGKILL it if still alive after `grace` s."""
+        if self.proc is None:
+            return None
+        self.stopped_by_us = True
+        if self.proc.returncode is None:
+            self.signal_group(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), grace)
+            except TimeoutError:
+                log.warning("engine ignored SIGTERM for %.0fs; killing it", grace)
+        self.signal_group(signal.SIGKILL)  # also reaps helpers it left in its group
+        return await self.proc.wait()
+
+    def tail(self, max_bytes: int = 16384) -> str:
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                size = fh.tell()
+                fh.seek(max(0, size - max_bytes))
+                return fh.read().decode(errors="replace")
+        except OSError:
+            return ""
