@@ -309,6 +309,10 @@ class Service:
 
     async def claim(self, worker_id: str, gpus: int | None = None) -> Assignment | None:
         worker = await self.store.run(self.store.get_worker, worker_id)
+        self.last_seen[worker_id] = self.clock()  # a claim is a sign of life too
+        if worker is not None and worker["status"] == WorkerStatus.stale:
+            worker = await self.machine.change_worker(worker_id, "revive", "claimed after silence")
+            self.changed("workers")
         if worker is None or worker["status"] != WorkerStatus.idle:
             state = worker["status"] if worker else "unknown"
             raise BadRequest(f"worker {worker_id[:8]} is {state}; only an idle worker may claim "

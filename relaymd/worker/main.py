@@ -135,7 +135,14 @@ class Worker:
             if left is not None and left - s.handoff_margin < s.min_segment:
                 log.info("%.0fs of allocation left: too little for a useful segment", left)
                 return
-            assignment = await self.gateway.call("claim", self.client.claim)
+            try:
+                assignment = await self.gateway.call("claim", self.client.claim)
+            except ApiError as exc:
+                if exc.status == 401 or exc.code != "worker_not_idle":
+                    raise
+                log.warning("claim refused (%s); trying again after a heartbeat", exc.message)
+                await asyncio.sleep(self.heartbeat_interval)
+                continue
             if assignment is not None:
                 idle_since = None
                 await self.run_job(assignment)
