@@ -163,6 +163,34 @@ def worker(ctx: click.Context, url: str | None, token: str | None, idle: str | N
     sys.exit(code)
 
 
+@main.group()
+def example() -> None:
+    """Write ready-to-submit example jobs."""
+
+
+@example.command("openmm")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--atoms", type=click.IntRange(300, 2_000_000),
+              help="a TIP3P water box of about N atoms (default: villin in water, 8,867 atoms)")
+@click.option("--ns", type=click.FloatRange(min=0, min_open=True), default=0.02,
+              show_default=True, help="simulated time")
+@click.option("--platform", default="auto", show_default=True,
+              help="OpenMM platform for the run: auto (CUDA, OpenCL, CPU) or a name")
+def example_openmm(directory: Path, atoms: int | None, ns: float, platform: str) -> None:
+    """A small solvated OpenMM system as a job bundle in DIRECTORY."""
+    try:
+        import openmm  # noqa: F401
+    except ImportError:
+        die("OpenMM is not installed: pip install 'relaymd[md]'")
+    from relaymd.engines.openmm.example import write_example
+
+    if directory.exists() and any(directory.iterdir()):
+        die(f"{directory} is not empty; choose a new directory", 2)
+    click.echo(f"building the system in {directory} ...", err=True)
+    write_example(directory, atoms=atoms, ns=ns, platform=platform)
+    click.echo(f"wrote {directory}; submit it with: relaymd submit {directory}")
+
+
 def bundle_spec_for(src: Path, command: str | None, checkpoint: tuple[str, ...],
                     gpus: int | None, max_attempts: int | None) -> dict[str, Any]:
     """relaymd.yaml contents: the directory's own file with the command-line flags on top."""

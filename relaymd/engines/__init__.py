@@ -1,0 +1,1 @@
+"""MD engines that RelayMD ships: restartable runners a job's `command` can call."""

@@ -1,0 +1,290 @@
+"""A restartable OpenMM simulation: run to a total step count, checkpointing as it goes.
+
+Files in the job dir (the bundle's working directory):
+  checkpoint.xml   portable `saveState` XML (positions, velocities, box, step) — resumes anywhere
+  checkpoint.chk   binary `saveCheckpoint` (also the integrator's RNG) — used only on the same
+                   platform and OpenMM version, where it continues the trajectory exactly
+  checkpoint.json  the commit point, written last: step, platform, OpenMM version
+  energies.csv     one record per report interval, appended across resumes (never duplicated)
+  progress.json    {done, total, unit: "ns", ns_per_day} for the worker's heartbeat
+Every file is written atomically (temp file, fsync, rename). SIGTERM writes a checkpoint and
+exits 75 (EX_TEMPFAIL); the process exits 0 only when the total is reached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CHECKPOINT_FILES = ["checkpoint.xml", "checkpoint.chk", "checkpoint.json", "energies.csv",
+                    "progress.json"]
+ENERGY_HEADER = "step,time_ps,potential_kj_mol,kinetic_kj_mol,temperature_k,volume_nm3\n"
+PLATFORM_ORDER = ("CUDA", "OpenCL", "CPU")
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; run again to resume
+
+
+class RunnerError(Exception):
+    """Unusable inputs or checkpoint; the message says which file and why."""
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class Options:
+    workdir: Path
+    system: Path | None
+    integrator: Path | None
+    state: Path | None
+    pdb: Path | None
+    forcefields: list[str]
+    steps: int
+    checkpoint_steps: int
+    checkpoint_seconds: float
+    report_steps: int
+    platform: str
+    threads: int | None
+    chunk_steps: int = 100
+
+
+def choose_platform(name: str) -> list[Any]:
+    """Platforms to try, best first: CUDA, then OpenCL, then CPU (or only the one named)."""
+    import openmm
+
+    names = PLATFORM_ORDER if name.lower() == "auto" else (name,)
+    available = {openmm.Platform.getPlatform(i).getName()
+                 for i in range(openmm.Platform.getNumPlatforms())}
+    chosen = [openmm.Platform.getPlatformByName(n) for n in names if n in available]
+    if not chosen:
+        raise RunnerError(f"platform {name!r} is not available here (have: "
+                          f"{', '.join(sorted(available))})")
+    return chosen
+
+
+class Runner:
+    def __init__(self, opts: Options) -> None:
+        self.o = opts
+        self.dir = opts.workdir
+        self.stop_requested = False
+        self.sim: Any = None
+        self.platform_name = ""
+        self.dt_ps = 0.0
+        self.steps_per_second = 0.0
+
+    # ------------------------------------------------------------------ setup
+
+    def build(self) -> tuple[Any, Any, Any, Any]:
+        """(system, integrator, topology, initial state or positions)."""
+        import openmm
+        from openmm import app
+
+        if self.o.system is not None:
+            try:
+                system = openmm.XmlSerializer.deserialize(self.o.system.read_text())
+                if self.o.integrator is None:
+                    raise RunnerError("--system needs --integrator (a serialized Integrator XML)")
+                integrator = openmm.XmlSerializer.deserialize(self.o.integrator.read_text())
+                state = openmm.XmlSerializer.deserialize(self.o.state.read_text()) \
+                    if self.o.state else None
+            except (OSError, ValueError, openmm.OpenMMException) as exc:
+                raise RunnerError(f"cannot read the serialized inputs: {exc}") from None
+            return system, integrator, None, state
+        if self.o.pdb is None:
+            raise RunnerError("give --system/--integrator/--state, or --pdb with --forcefield")
+        pdb = app.PDBFile(str(self.o.pdb))
+        ff = app.ForceField(*(self.o.forcefields or ["amber14-all.xml", "amber14/tip3p.xml"]))
+        periodic = pdb.topology.getPeriodicBoxVectors() is not None
+        system = ff.createSystem(pdb.topology, constraints=app.HBonds,
+                                 nonbondedMethod=app.PME if periodic else app.NoCutoff)
+        integrator = openmm.LangevinMiddleIntegrator(300 * openmm.unit.kelvin,
+                                                     1 / openmm.unit.picosecond,
+                                                     0.002 * openmm.unit.picoseconds)
+        return system, integrator, pdb.topology, pdb.positions
+
+    def make_simulation(self) -> None:
+        import openmm
+        from openmm import app
+
+        system, integrator, topology, initial = self.build()
+        if topology is None:
+            topology = app.Topology()  # serialized inputs carry no topology; none is needed
+        errors = []
+        for platform in choose_platform(self.o.platform):
+            props = {"Threads": str(self.o.threads)} if self.o.threads and \
+                platform.getName() == "CPU" else {}
+            try:
+                sim = app.Simulation(topology, system, openmm.XmlSerializer.clone(integrator),
+                                     platform, props)
+            except openmm.OpenMMException as exc:
+                errors.append(f"{platform.getName()}: {exc}")
+                continue
+            self.sim, self.platform_name = sim, platform.getName()
+            break
+        else:
+            raise RunnerError("no platform could run this system: " + "; ".join(errors))
+        self.dt_ps = self.sim.integrator.getStepSize().value_in_unit(openmm.unit.picoseconds)
+        if not self.resume():
+            if isinstance(initial, openmm.State):
+                self.sim.context.setState(initial)
+            else:
+                self.sim.context.setPositions(initial)
+                self.sim.minimizeEnergy(maxIterations=100)
+            self.sim.context.setStepCount(0)
+            self.sim.currentStep = 0
+            (self.dir / "energies.csv").write_text(ENERGY_HEADER)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def resume(self) -> bool:
+        """Resume from checkpoint.json if present; False for a fresh start."""
+        import openmm
+
+        meta_path = self.dir / "checkpoint.json"
+        if not meta_path.exists():
+            return False
+        try:
+            meta = json.loads(meta_path.read_text())
+            step = int(meta["step"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RunnerError(f"{meta_path}: unreadable checkpoint record: {exc}") from None
+        same_host_kind = (meta.get("platform") == self.platform_name
+                          and meta.get("openmm") == openmm.__version__)
+        loaded = "xml"
+        chk = self.dir / "checkpoint.chk"
+        if same_host_kind and chk.exists() and int(meta.get("chk_step", -1)) == step:
+            try:
+                self.sim.loadCheckpoint(str(chk))
+                loaded = "binary"
+            except openmm.OpenMMException:
+                loaded = "xml"
+        if loaded == "xml":
+            try:
+                state = openmm.XmlSerializer.deserialize((self.dir / "checkpoint.xml").read_text())
+            except (OSError, ValueError, openmm.OpenMMException) as exc:
+                # An expected resume point that cannot be read fails the attempt: never a
+                # silent restart from scratch.
+                raise RunnerError(f"checkpoint.xml unreadable: {exc}") from None
+            self.sim.context.setState(state)
+        self.sim.context.setStepCount(step)
+        self.sim.currentStep = step
+        self.trim_energies(step)
+        print(f"resumed at step {step} from the {loaded} checkpoint on {self.platform_name}",
+              flush=True)
+        return True
+
+    def trim_energies(self, step: int) -> None:
+        """Drop records written after the checkpoint we resume from (no duplicated steps)."""
+        path = self.dir / "energies.csv"
+        if not path.exists():
+            path.write_text(ENERGY_HEADER)
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [ENERGY_HEADER] + [ln for ln in lines[1:] if ln.strip() and ln.split(",")[0]
+                                  .isdigit() and int(ln.split(",")[0]) <= step]
+        write_atomic(path, "".join(kept).encode())
+
+    def checkpoint(self) -> None:
+        import openmm
+
+        step = self.sim.currentStep
+        state = self.sim.context.getState(getPositions=True, getVelocities=True,
+                                          getParameters=True, enforcePeriodicBox=False)
+        write_atomic(self.dir / "checkpoint.xml", openmm.XmlSerializer.serialize(state).encode())
+        write_atomic(self.dir / "checkpoint.chk", self.sim.context.createCheckpoint())
+        meta = {"step": step, "chk_step": step, "platform": self.platform_name,
+                "openmm": openmm.__version__, "time": time.time()}
+        write_atomic(self.dir / "checkpoint.json", json.dumps(meta).encode())
+
+    def report(self) -> None:
+        import openmm
+        from openmm import unit as u
+
+        state = self.sim.context.getState(getEnergy=True)
+        dof = self._dof()
+        ke = state.getKineticEnergy().value_in_unit(u.kilojoule_per_mole)
+        temp = 2 * ke / (dof * openmm.unit.MOLAR_GAS_CONSTANT_R.value_in_unit(
+            u.kilojoule_per_mole / u.kelvin)) if dof else 0.0
+        box = state.getPeriodicBoxVolume().value_in_unit(u.nanometer ** 3) \
+            if self.sim.system.usesPeriodicBoundaryConditions() else 0.0
+        pe = state.getPotentialEnergy().value_in_unit(u.kilojoule_per_mole)
+        with open(self.dir / "energies.csv", "a") as fh:
+            fh.write(f"{self.sim.currentStep},{self.sim.currentStep * self.dt_ps:.4f},"
+                     f"{pe:.4f},{ke:.4f},{temp:.2f},{box:.6f}\n")
+
+    def _dof(self) -> int:
+        import openmm
+
+        system = self.sim.system
+        dof = sum(3 for i in range(system.getNumParticles()) if system.getParticleMass(i)._value)
+        dof -= system.getNumConstraints()
+        if any(isinstance(system.getForce(i), openmm.CMMotionRemover)
+               for i in range(system.getNumForces())):
+            dof -= 3
+        return max(dof, 0)
+
+    def write_progress(self) -> None:
+        total_ns = self.o.steps * self.dt_ps / 1000
+        done_ns = self.sim.currentStep * self.dt_ps / 1000
+        ns_day = self.steps_per_second * self.dt_ps * 86400 / 1000
+        write_atomic(self.dir / "progress.json", json.dumps({
+            "done": round(done_ns, 6), "total": round(total_ns, 6), "unit": "ns",
+            "ns_per_day": round(ns_day, 3)}).encode())
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_term)
+        self.make_simulation()
+        o = self.o
+        last_ckpt_step = self.sim.currentStep
+        last_ckpt_time = time.monotonic()
+        self.write_progress()
+        started_step, started = self.sim.currentStep, time.monotonic()
+        while self.sim.currentStep < o.steps and not self.stop_requested:
+            # Stop at every report boundary so records land on exact multiples.
+            to_report = o.report_steps - self.sim.currentStep % o.report_steps
+            n = min(o.chunk_steps, to_report, o.steps - self.sim.currentStep)
+            self.sim.step(n)
+            if self.sim.currentStep % o.report_steps == 0:
+                self.report()
+            elapsed = time.monotonic() - started
+            if elapsed > 0:
+                self.steps_per_second = (self.sim.currentStep - started_step) / elapsed
+            due_steps = self.sim.currentStep - last_ckpt_step >= o.checkpoint_steps
+            due_time = time.monotonic() - last_ckpt_time >= o.checkpoint_seconds
+            if due_steps or due_time:
+                self.checkpoint()
+                self.write_progress()
+                last_ckpt_step, last_ckpt_time = self.sim.currentStep, time.monotonic()
+        self.checkpoint()
+        self.write_progress()
+        if self.stop_requested:
+            print(f"SIGTERM: checkpoint written at step {self.sim.currentStep}", flush=True)
+            return EXIT_INTERRUPTED
+        print(f"finished {o.steps} steps on {self.platform_name} "
+              f"({self.steps_per_second:.1f} steps/s)", flush=True)
+        return 0
+
+    def _on_term(self, signum: int, frame: object) -> None:
+        # Only a flag: the chunked loop checks it, so no reporter is cut mid-write.
+        self.stop_requested = True
+
+
+def run(opts: Options) -> int:
+    try:
+        return Runner(opts).run()
+    except RunnerError as exc:
+        print(f"relaymd openmm runner: {exc}", file=sys.stderr, flush=True)
+        return 2
