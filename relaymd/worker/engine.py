@@ -47,16 +47,35 @@ class Engine:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, sig)
 
+    def group_alive(self) -> bool:
+        if self.proc is None:
+            return False
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
     async def stop(self, grace: float) -> int | None:
-        """SIGTERM the engine's process group; SIGKILL it if still alive after `grace` s."""
+        """SIGTERM the engine's process group; SIGKILL it if anything in it is still alive after
+        `grace` s. The whole group gets the grace, not just its leader: a `sh -c` wrapper dies of
+        SIGTERM at once while the engine under it is still writing its last checkpoint."""
         if self.proc is None:
             return None
         self.stopped_by_us = True
-        if self.proc.returncode is None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        if self.proc.returncode is None or self.group_alive():
             self.signal_group(signal.SIGTERM)
             try:
                 await asyncio.wait_for(self.proc.wait(), grace)
             except TimeoutError:
+                pass
+            while self.group_alive() and loop.time() < deadline:  # noqa: ASYNC110 (no event for it)
+                await asyncio.sleep(0.05)
+            if self.group_alive():
                 log.warning("engine ignored SIGTERM for %.0fs; killing it", grace)
         self.signal_group(signal.SIGKILL)  # also reaps helpers it left in its group
         return await self.proc.wait()

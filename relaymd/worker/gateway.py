@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from relaymd.client import ApiError, Client
-from relaymd.storage import StorageError
+from relaymd.storage import IntegrityError, StorageError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -24,6 +24,8 @@ T = TypeVar("T")
 def retryable(exc: BaseException) -> bool:
     if isinstance(exc, ApiError):
         return exc.status == 0 or exc.status >= 500
+    if isinstance(exc, IntegrityError):
+        return False  # the bytes are wrong, not the link: fetching them again cannot help
     return isinstance(exc, StorageError | OSError | TimeoutError)
 
 
