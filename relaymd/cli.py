@@ -106,6 +106,15 @@ def main(ctx: click.Context, config: Path | None) -> None:
     ctx.obj = {"config": config, "overrides": {}}
 
 
+def fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it is installed: it halves the API's per-request CPU (bench/README.md)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 @main.command()
 @click.option("--host", help="interface to listen on (default 127.0.0.1)")
 @click.option("--port", type=int, help="port to listen on (default 8765)")
@@ -131,7 +140,8 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     settings = settings_of(ctx, host=host, port=port)
     setup_file_logging(settings.log_path)
     try:
-        asyncio.run(serve_until_signalled(settings))
+        with asyncio.Runner(loop_factory=fast_loop_factory()) as runner:
+            runner.run(serve_until_signalled(settings))
     except OrchestratorError as exc:
         die(str(exc))
     except KeyboardInterrupt:

@@ -79,3 +79,30 @@ def test_release_hands_back_checkpoint_and_next_claim_resumes(
     assert err.value.body == {
         "error": "job_transition_conflict", "job_id": job_id, "from": "assigned",
         "to": "completed", "attempt": 2, "message": err.value.body["message"]}
+
+
+def test_job_listing_follows_every_change(server: RunningOrchestrator, tmp_path: Path) -> None:
+    """The listing serves cached per-job JSON: each change of row or progress must show."""
+    op = server.operator()
+    job_id = submit(op, tmp_path, title="listed")
+    other = submit(op, tmp_path, title="untouched")
+
+    def listed() -> dict[str, object]:
+        return {j.id: j for j in op.list_jobs().jobs}
+
+    first = listed()
+    assert first[job_id].status == "queued" and first[job_id].progress is None
+    w, wid = server.worker()
+    assignment = w.claim()
+    assert assignment is not None
+    claimed = assignment.job.id
+    assert listed()[claimed].status == "assigned" and listed()[claimed].worker_id == wid
+    w.heartbeat(wid, claimed, 1, Progress(done=1, total=10, unit="ns"))
+    now = listed()[claimed]
+    assert now.status == "running" and now.progress is not None and now.progress.done == 1
+    w.heartbeat(wid, claimed, 1, Progress(done=2, total=10, unit="ns"))
+    assert listed()[claimed].progress.done == 2, "listing kept stale progress"
+    op.cancel(claimed)
+    assert listed()[claimed].status == "cancelled"
+    untouched = other if claimed == job_id else job_id
+    assert listed()[untouched].model_dump() == first[untouched].model_dump()

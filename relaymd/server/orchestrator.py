@@ -165,7 +165,8 @@ class Orchestrator:
             await self.service.load()
             app = create_app(self.service, self.metrics)
             config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
-                                    timeout_graceful_shutdown=5, server_header=False)
+                                    timeout_graceful_shutdown=5, server_header=False,
+                                    proxy_headers=False, date_header=False)
             self.server = EmbeddedServer(config)
             self._task = asyncio.create_task(self._serve(sock), name="relaymd-api")
             while not self.server.started:

@@ -8,6 +8,7 @@ store by the maintenance job: a heartbeat is not a promise that anything was sav
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import tempfile
 import time
@@ -31,7 +32,6 @@ from relaymd.models import (
     Job,
     JobCreate,
     JobDetail,
-    JobPage,
     JobStatus,
     Worker,
     WorkerRegister,
@@ -41,7 +41,7 @@ from relaymd.models import (
 from relaymd.server.auth import Authenticator, hash_token, new_token
 from relaymd.server.store import Store, dumps
 from relaymd.server.transitions import JobNotFound, StateMachine, TransitionConflict
-from relaymd.server.views import job_detail, job_from_row, worker_from_row
+from relaymd.server.views import JobJsonCache, job_detail, job_from_row, worker_from_row
 from relaymd.storage import (
     ObjectNotFound,
     Storage,
@@ -101,6 +101,7 @@ class Service:
         self.machine = StateMachine(store, clock, settings.quarantine_after)
         self.last_seen: dict[str, float] = {}
         self._progress: dict[str, tuple[str, int, dict[str, Any]]] = {}
+        self._job_json = JobJsonCache()
         self._pending_bundles: dict[str, BundleUploaded] = {}
         self.listeners: list[Callable[[str], None]] = []  # the console subscribes here
         self.started_at = clock()
@@ -191,19 +192,26 @@ class Service:
         self.changed("jobs")
         return job_from_row(created)
 
-    async def list_jobs(self, statuses: Sequence[str] | None, limit: int,
-                        cursor: str | None) -> JobPage:
+    async def list_jobs_json(self, statuses: Sequence[str] | None, limit: int,
+                             cursor: str | None) -> bytes:
+        """One page of jobs as the JSON of a `JobPage`, built from cached per-job JSON."""
         after = None
         if cursor:
             try:
                 after = int(cursor)
             except ValueError:
                 raise BadRequest(f"invalid cursor {cursor!r}") from None
-        rows, nxt = await self.store.run(self.store.list_jobs, statuses, limit, after)
+        rows, nxt = self.store.list_jobs(statuses, limit, after)
         live = self._progress
-        return JobPage(jobs=[job_from_row(r, live[r["id"]][2] if r["id"] in live else None)
-                             for r in rows],
-                       next_cursor=None if nxt is None else str(nxt))
+        render = self._job_json.render
+        parts: list[bytes] = []
+        for i, r in enumerate(rows):
+            if i and i % 100 == 0:
+                await asyncio.sleep(0)  # let heartbeats through between slices of a big page
+            parts.append(render(r, live[r["id"]][2] if r["id"] in live else None))
+        jobs = b",".join(parts)
+        return b'{"jobs":[' + jobs + b'],"next_cursor":' + json.dumps(
+            None if nxt is None else str(nxt)).encode() + b"}"
 
     async def get_job(self, ref: str) -> JobDetail:
         job_id = await self.resolve(ref)
@@ -263,7 +271,7 @@ class Service:
         self.last_seen[worker_id] = self.clock()
         if job_id is not None and attempt is None:
             raise BadRequest("heartbeat with job_id needs its attempt")
-        status, job = await self.store.run(self.store.heartbeat_view, worker_id, job_id)
+        status, job = self.store.heartbeat_view(worker_id, job_id)
         if status is None or status == WorkerStatus.gone:
             return HeartbeatReply(directive="exit", reason="worker is deregistered")
         if status == WorkerStatus.quarantined:
@@ -331,7 +339,7 @@ class Service:
 
     async def _check_holder(self, worker_id: str, job_id: str) -> None:
         """403 for a job this worker never held; a lease it lost is a 409 further on."""
-        if not await self.store.run(self.store.worker_held, job_id, worker_id):
+        if not self.store.worker_held(job_id, worker_id):
             if await self.store.run(self.store.get_job, job_id) is None:
                 raise NotFound(f"no job {job_id}")
             raise Forbidden(f"job {job_id[:8]} was never assigned to worker {worker_id[:8]}")

@@ -114,6 +114,7 @@ class Store:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relaymd-db")
         self._thread: int | None = None
         self._conn: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None  # the event loop's own, for hot reads
         self.db: Database | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -124,8 +125,18 @@ class Store:
 
     async def open(self) -> None:
         await self.run(self._open)
+        # A read-only connection on the event loop's thread: in WAL mode a reader never waits
+        # for the writer, and a primary-key lookup costs less than a hop to the store thread.
+        reader = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
+                                 timeout=1.0, check_same_thread=False)
+        reader.row_factory = sqlite3.Row
+        reader.execute("PRAGMA query_only = ON")
+        self._reader = reader
 
     async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         if self._conn is not None:
             await self.run(self._close)
         self._pool.shutdown(wait=True)
@@ -155,6 +166,13 @@ class Store:
         if threading.get_ident() != self._thread or self._conn is None:
             raise WrongThread("store methods run only on the store thread: use `await store.run(...)`")
         return self._conn
+
+    @property
+    def reader(self) -> sqlite3.Connection:
+        """The read-only connection, used on the event loop's thread (or inside `run`)."""
+        if self._reader is None:
+            raise WrongThread("store is not open")
+        return self._reader
 
     def journal_mode(self) -> str:
         return str(self.conn.execute("PRAGMA journal_mode").fetchone()[0])
@@ -227,7 +245,10 @@ class Store:
 
     def list_jobs(
         self, statuses: Sequence[str] | None, limit: int, after: int | None
-    ) -> tuple[list[dict[str, Any]], int | None]:
+    ) -> tuple[list[sqlite3.Row], int | None]:
+        """A page of job rows in creation order (with `_rowid`), and the cursor of the next.
+        On the read-only connection: a monitor listing thousands of jobs every second must not
+        queue behind the writer nor hop threads."""
         where, params = [], []
         if statuses:
             where.append(f"status IN ({', '.join('?' for _ in statuses)})")
@@ -239,13 +260,10 @@ class Store:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY rowid LIMIT ?"
-        rows = [dict(r) for r in self.conn.execute(sql, [*params, limit + 1]).fetchall()]
+        rows = self.reader.execute(sql, [*params, limit + 1]).fetchall()
         more = len(rows) > limit
         rows = rows[:limit]
-        cursor = rows[-1]["_rowid"] if more and rows else None
-        for r in rows:
-            r.pop("_rowid")
-        return rows, cursor
+        return rows, (rows[-1]["_rowid"] if more and rows else None)
 
     def count_jobs_by_status(self) -> dict[str, int]:
         rows = self.conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
@@ -360,12 +378,19 @@ class Store:
         return None if row is None else int(row[0])
 
     def worker_held(self, job_id: str, worker_id: str) -> bool:
-        """Did this worker ever claim this job? (Tells a stale lease from a foreign job.)"""
-        row = self.conn.execute(
+        """Did this worker ever claim this job? (Tells a stale lease from a foreign job.)
+        On the event loop's read-only connection, like `heartbeat_view`: the current holder
+        answers from the job row; anyone else from the job's claim events."""
+        conn = self.reader
+        row = conn.execute("SELECT worker_id FROM jobs WHERE id = ?", [job_id]).fetchone()
+        if row is None:
+            return False
+        if row[0] == worker_id:
+            return True
+        return conn.execute(
             "SELECT 1 FROM events WHERE job_id = ? AND worker_id = ? AND kind = 'claim' LIMIT 1",
             [job_id, worker_id],
-        ).fetchone()
-        return row is not None
+        ).fetchone() is not None
 
     def orphaned_jobs(self) -> list[dict[str, Any]]:
         """Leased jobs whose worker no longer holds them (crash between two writes, lost rows)."""
@@ -431,14 +456,18 @@ class Store:
 
     def heartbeat_view(self, worker_id: str, job_id: str | None
                        ) -> tuple[str | None, dict[str, Any] | None]:
-        """The hot path's one read: the worker's status and the lease fields of its job."""
-        row = self.conn.execute("SELECT status FROM workers WHERE id = ?", [worker_id]).fetchone()
+        """The hot path's one read: the worker's status and the lease fields of its job.
+        Runs on the event loop's thread over the read-only connection (no store-thread hop);
+        it sees every transaction the writer has committed, so every change already awaited."""
+        conn = self.reader
+        row = conn.execute("SELECT status FROM workers WHERE id = ?", [worker_id]).fetchone()
         job = None
         if job_id is not None:
-            found = self.conn.execute(
+            found = conn.execute(
                 "SELECT status, attempt, worker_id FROM jobs WHERE id = ?", [job_id]
             ).fetchone()
-            job = dict(found) if found else None
+            if found:
+                job = {"status": found[0], "attempt": found[1], "worker_id": found[2]}
         return (row[0] if row else None), job
 
     def list_workers(self, statuses: Sequence[str] | None = None) -> list[dict[str, Any]]:
