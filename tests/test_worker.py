@@ -602,3 +602,23 @@ def test_worker_does_not_claim_with_too_little_allocation_left(
     d = orch.operator().get_job(job_id)
     assert (d.status, d.attempt) == ("queued", 0), f"job {d.status} attempt={d.attempt}: claimed"
     assert "too little for a useful segment" in worker_log(tmp_path), why(tmp_path)
+
+
+def test_unreachable_orchestrator_stops_the_engine_after_the_stale_timeout(
+        orch: RunningOrchestrator, tmp_path: Path) -> None:
+    """Past the stale timeout its lease may be someone else's: stop rather than run unfenced."""
+    job_id = long_job(orch, tmp_path, step_s=0.02)
+    op = orch.operator()
+    w = start_worker(orch, tmp_path)
+    group = wait_for(lambda: op.get_job(job_id).status == "running" and engine_group(w), 15,
+                     lambda: f"the engine to run ({why(tmp_path)})")
+    orch.stop()  # the orchestrator vanishes; nothing answers on its port any more
+    gone = time.monotonic()
+    timeout = orch.settings.heartbeat_timeout
+    time.sleep(timeout * 0.5)
+    assert group_alive(group), "the engine was stopped before the stale timeout ran out"
+    wait_for(lambda: not group_alive(group), timeout + 5,
+             lambda: f"the engine to stop without its orchestrator ({why(tmp_path)})")
+    took = time.monotonic() - gone
+    assert took >= timeout, f"engine stopped {took:.1f}s after the orchestrator went away"
+    assert "unreachable" in worker_log(tmp_path), why(tmp_path)
