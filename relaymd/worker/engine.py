@@ -8,9 +8,22 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+def engine_env(extra: dict[str, str] | None) -> dict[str, str]:
+    """The worker's environment for the engine, with the worker's own Python first on PATH: a
+    job's `python -m relaymd.engines.openmm ...` then runs where relaymd and OpenMM are
+    installed (a venv or a container), not whatever `python` the login shell found."""
+    env = {**os.environ, **(extra or {})}
+    bindir = os.path.dirname(sys.executable)
+    path = env.get("PATH", "")
+    if bindir and bindir not in path.split(os.pathsep):
+        env["PATH"] = bindir + (os.pathsep + path if path else "")
+    return env
 
 
 class Engine:
@@ -29,7 +42,7 @@ class Engine:
             self.proc = await asyncio.create_subprocess_shell(
                 self.command, cwd=self.job_dir, stdin=asyncio.subprocess.DEVNULL,
                 stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, **(self.env or {})},
+                env=engine_env(self.env),
             )
         log.info("engine started", extra={"pid": self.proc.pid, "command": self.command})
 
