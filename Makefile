@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 run: setup
-	$(BIN)/relaymd
+	$(BIN)/relaymd --demo
 
 serve: setup
 	$(BIN)/relaymd serve

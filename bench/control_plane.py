@@ -307,7 +307,7 @@ class ServerProcess:
 
     def start(self, timeout: float = 60.0) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RELAYMD_")}
-        env.update(RELAYMD_HOME=str(self.home), RELAYMD_HEARTBEAT_TIMEOUT="600",
+        env.update(RELAYMD_HOME=str(self.home), RELAYMD_HEARTBEAT_TIMEOUT="600", RELAYMD_LOCAL_WORKERS="0",
                    XDG_CONFIG_HOME=str(self.home / "config"))  # no user config file
         cmd = [sys.executable, "-m", "relaymd", "serve", "--host", "127.0.0.1", "--port", "0"]
         taskset = shutil.which("taskset")

@@ -129,7 +129,7 @@ class Cluster:
     def start_server(self, timeout: float = 60.0) -> None:
         a = self.args
         env = {**self.env, "RELAYMD_HEARTBEAT_INTERVAL": str(a.heartbeat_interval),
-               "RELAYMD_HEARTBEAT_TIMEOUT": str(a.heartbeat_timeout),
+               "RELAYMD_HEARTBEAT_TIMEOUT": str(a.heartbeat_timeout), "RELAYMD_LOCAL_WORKERS": "0",
                "RELAYMD_REAP_INTERVAL": str(a.reap_interval)}
         with (self.home / "serve.out").open("wb") as log:
             self.server = subprocess.Popen(

@@ -115,21 +115,28 @@ def fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
+demo_option = click.option(
+    "--demo", is_flag=True,
+    help="queue the example OpenMM job (villin in water) if no job is queued or running")
+
+
 @main.command()
 @click.option("--host", help="interface to listen on (default 127.0.0.1)")
 @click.option("--port", type=int, help="port to listen on (default 8765)")
+@demo_option
 @click.pass_context
-def console(ctx: click.Context, host: str | None, port: int | None) -> None:
+def console(ctx: click.Context, host: str | None, port: int | None, demo: bool) -> None:
     """Open the operator console hosting the orchestrator (the default command)."""
     # The Textual console arrives with its own issue; until then the bare command serves.
-    ctx.invoke(serve, host=host, port=port)
+    ctx.invoke(serve, host=host, port=port, demo=demo)
 
 
 @main.command()
 @click.option("--host", help="interface to listen on (default 127.0.0.1)")
 @click.option("--port", type=int, help="port to listen on (default 8765)")
+@demo_option
 @click.pass_context
-def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
+def serve(ctx: click.Context, host: str | None, port: int | None, demo: bool) -> None:
     """Run the orchestrator headless until SIGINT/SIGTERM."""
     from relaymd.server.orchestrator import (
         OrchestratorError,
@@ -141,7 +148,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     setup_file_logging(settings.log_path)
     try:
         with asyncio.Runner(loop_factory=fast_loop_factory()) as runner:
-            runner.run(serve_until_signalled(settings))
+            runner.run(serve_until_signalled(settings, demo=demo))
     except OrchestratorError as exc:
         die(str(exc))
     except KeyboardInterrupt:
@@ -280,10 +287,14 @@ def submit(ctx: click.Context, directory: Path, title: str | None, command: str 
         click.echo(f"submitted job {job.id[:8]} ({job.title}): {job.status}")
 
 
+JOB_COLUMN_MIN = {"ID": 8, "STATUS": 9, "PROGRESS": 10, "TITLE": 8}  # what 80 columns can keep
+
+
 def jobs_table(jobs: list[Job]) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False)
     for col in ("ID", "TITLE", "STATUS", "PROGRESS", "ATT", "CKPT", "WORKER", "AGE", "LAST CKPT"):
-        table.add_column(col, no_wrap=col != "TITLE", overflow="ellipsis")
+        table.add_column(col, no_wrap=True, overflow="ellipsis", min_width=JOB_COLUMN_MIN.get(col),
+                         max_width=28 if col == "TITLE" else None)
     for j in jobs:
         table.add_row(j.id[:8], escape(j.title), styled(j.status), progress_text(j),
                       f"{j.attempt}", f"{j.checkpoints}", (j.worker_id or "-")[:8],

@@ -72,6 +72,9 @@ class Settings(BaseModel):
     max_body_bytes: int = Field(default=1 << 20, ge=1024)  # JSON request bodies
     max_bundle_bytes: int = Field(default=4 << 30, ge=1024)  # uploaded job bundles
     default_max_attempts: int = Field(default=3, ge=1)
+    # The local provider: up to this many `relaymd worker` processes on this machine (0: none).
+    local_workers: int = Field(default=1, ge=0, le=256)
+    provision_interval: float = Field(default=2.0, gt=0)  # seconds between provider cycles
 
     # Worker side (`relaymd worker`; containers set these as RELAYMD_* variables).
     worker_idle: Literal["immediate_exit", "poll_then_exit"] = "immediate_exit"

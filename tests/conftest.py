@@ -97,6 +97,7 @@ class RunningOrchestrator:
 
 
 def make_settings(home: Path, **kw: Any) -> Settings:
+    kw.setdefault("local_workers", 0)  # tests start the workers they want themselves
     return Settings(home=home, host="127.0.0.1", port=0, reap_interval=3600, **kw)
 
 

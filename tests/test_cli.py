@@ -47,7 +47,8 @@ def clean_env(home: Path, **extra: str) -> dict[str, str]:
            if not k.startswith("RELAYMD_") and k not in ("XDG_CONFIG_HOME", "XDG_DATA_HOME")}
     fake_user = home.parent / "user-home"
     fake_user.mkdir(parents=True, exist_ok=True)
-    env.update(HOME=str(fake_user), RELAYMD_HOME=str(home), COLUMNS="200", PYTHONUNBUFFERED="1")
+    env.update(HOME=str(fake_user), RELAYMD_HOME=str(home), COLUMNS="200", PYTHONUNBUFFERED="1",
+               RELAYMD_LOCAL_WORKERS="0")
     env.update(extra)
     return env
 

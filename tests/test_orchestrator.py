@@ -106,7 +106,7 @@ def test_serve_writes_nothing_to_the_terminal_but_its_banner(tmp_path: Path) -> 
     import time
 
     home = tmp_path / "home"
-    env = {**os.environ, "RELAYMD_HOME": str(home), "RELAYMD_PORT": "0"}
+    env = {**os.environ, "RELAYMD_HOME": str(home), "RELAYMD_PORT": "0", "RELAYMD_LOCAL_WORKERS": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "relaymd", "serve"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -28,6 +28,7 @@ from relaymd.config import Settings
 from relaymd.server.api import create_app
 from relaymd.server.auth import Authenticator, load_or_create_tokens
 from relaymd.server.metrics import Metrics
+from relaymd.server.provisioning.local import LocalProvider
 from relaymd.server.service import Service
 from relaymd.server.store import Store
 from relaymd.storage import open_storage
@@ -57,6 +58,9 @@ def setup_file_logging(path: Path, level: int = logging.INFO) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
+    # APScheduler logs every run of every job at INFO: the provisioning cycle alone would
+    # write tens of thousands of lines a day.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.captureWarnings(True)
 
 
@@ -90,6 +94,7 @@ class Orchestrator:
         self.service: Service | None = None
         self.server: EmbeddedServer | None = None
         self.scheduler: AsyncIOScheduler | None = None
+        self.provider: LocalProvider | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock_fd: int | None = None
         self._server_error: BaseException | None = None
@@ -177,6 +182,11 @@ class Orchestrator:
             self.scheduler.add_job(self.service.reap, "interval", seconds=settings.reap_interval,
                                    id="reap", coalesce=True, max_instances=1,
                                    replace_existing=True)
+            if settings.local_workers > 0:
+                self.provider = LocalProvider(settings, self.service, self.url)
+                self.scheduler.add_job(self.provider.cycle, "interval",
+                                       seconds=settings.provision_interval, id="provision:local",
+                                       coalesce=True, max_instances=1, replace_existing=True)
             self.scheduler.start()
             self._write_endpoint()
             log.info("orchestrator listening on %s (database %s, storage %s)", self.url,
@@ -205,6 +215,8 @@ class Orchestrator:
         if self.scheduler is not None and self.scheduler.running:
             self.scheduler.shutdown(wait=False)
             await asyncio.sleep(0)
+        if self.provider is not None:  # while the API is up: their hand-offs need it
+            await self.provider.stop()
         if self.server is not None and self._task is not None:
             self.server.should_exit = True
             with contextlib.suppress(Exception):
@@ -223,8 +235,9 @@ class Orchestrator:
         log.info("orchestrator stopped")
 
 
-async def serve_until_signalled(settings: Settings) -> None:
-    """`relaymd serve`: run until SIGINT/SIGTERM, then stop gracefully."""
+async def serve_until_signalled(settings: Settings, demo: bool = False) -> None:
+    """`relaymd serve`: run until SIGINT/SIGTERM, then stop gracefully. With `demo`, queue the
+    example OpenMM job when no work is queued or running."""
     import signal
 
     orch = Orchestrator(settings)
@@ -236,6 +249,17 @@ async def serve_until_signalled(settings: Settings) -> None:
     print(f"relaymd orchestrator on {orch.url} (Ctrl+C to stop; log: {settings.log_path})",
           flush=True)
     try:
+        if demo:
+            from relaymd.demo import submit_demo
+
+            def say(line: str) -> None:
+                print(line, flush=True)
+
+            try:
+                await asyncio.to_thread(submit_demo, settings, orch.url, say)
+            except Exception as exc:  # the orchestrator itself is fine: keep serving
+                log.exception("demo job could not be submitted")
+                say(f"demo: could not submit the example job: {exc}")
         await stop.wait()
     finally:
         await orch.stop()

@@ -1,0 +1,1 @@
+"""Providers that bring workers to queued work. The embedded default has one: `local`."""
