@@ -282,7 +282,7 @@ def long_job(orch: RunningOrchestrator, tmp_path: Path, **kw: Any) -> str:
 
 def test_kill_9_requeues_after_the_stale_timeout_and_a_second_worker_resumes(
         orch: RunningOrchestrator, tmp_path: Path) -> None:
-    total, every = 50, 10
+    total, every = 150, 10  # long enough that a loaded machine still finds a moment to kill
     job_id = submit_stepper(orch, tmp_path, total=total, every=every, step_s=0.04)
     op = orch.operator()
     w1 = start_worker(orch, tmp_path, "w1")
