@@ -30,7 +30,10 @@ def parse(argv: list[str]) -> Options:
     a = p.parse_args(argv)
     steps = a.steps
     if steps is None:
-        dt_ps = _step_size_ps(a.integrator)
+        try:
+            dt_ps = _step_size_ps(a.integrator)
+        except ValueError as exc:
+            p.error(str(exc))
         steps = round(a.ns * 1000 / dt_ps)
     if steps <= 0 or a.checkpoint_steps <= 0 or a.report_steps <= 0:
         p.error("steps, --checkpoint-steps and --report-steps must be positive")
@@ -45,8 +48,11 @@ def _step_size_ps(integrator: Path | None) -> float:
         return 0.002  # the --pdb path's LangevinMiddle integrator
     import openmm
 
-    integ = openmm.XmlSerializer.deserialize(integrator.read_text())
-    return float(integ.getStepSize().value_in_unit(openmm.unit.picoseconds))
+    try:
+        integ = openmm.XmlSerializer.deserialize(integrator.read_text())
+        return float(integ.getStepSize().value_in_unit(openmm.unit.picoseconds))
+    except (OSError, ValueError, AttributeError, openmm.OpenMMException) as exc:
+        raise ValueError(f"--ns needs the step size from --integrator {integrator}: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -100,14 +100,24 @@ class Runner:
                     if self.o.state else None
             except (OSError, ValueError, openmm.OpenMMException) as exc:
                 raise RunnerError(f"cannot read the serialized inputs: {exc}") from None
+            for flag, path, obj, kind in (("--system", self.o.system, system, openmm.System),
+                                          ("--integrator", self.o.integrator, integrator,
+                                           openmm.Integrator),
+                                          ("--state", self.o.state, state, openmm.State)):
+                if obj is not None and not isinstance(obj, kind):
+                    raise RunnerError(f"{flag} {path} holds a serialized {type(obj).__name__}, "
+                                      f"not a {kind.__name__}")
             return system, integrator, None, state
         if self.o.pdb is None:
             raise RunnerError("give --system/--integrator/--state, or --pdb with --forcefield")
-        pdb = app.PDBFile(str(self.o.pdb))
-        ff = app.ForceField(*(self.o.forcefields or ["amber14-all.xml", "amber14/tip3p.xml"]))
-        periodic = pdb.topology.getPeriodicBoxVectors() is not None
-        system = ff.createSystem(pdb.topology, constraints=app.HBonds,
-                                 nonbondedMethod=app.PME if periodic else app.NoCutoff)
+        try:
+            pdb = app.PDBFile(str(self.o.pdb))
+            ff = app.ForceField(*(self.o.forcefields or ["amber14-all.xml", "amber14/tip3p.xml"]))
+            periodic = pdb.topology.getPeriodicBoxVectors() is not None
+            system = ff.createSystem(pdb.topology, constraints=app.HBonds,
+                                     nonbondedMethod=app.PME if periodic else app.NoCutoff)
+        except (OSError, ValueError, KeyError, openmm.OpenMMException) as exc:
+            raise RunnerError(f"cannot build a system from --pdb {self.o.pdb}: {exc}") from None
         integrator = openmm.LangevinMiddleIntegrator(300 * openmm.unit.kelvin,
                                                      1 / openmm.unit.picosecond,
                                                      0.002 * openmm.unit.picoseconds)
@@ -167,16 +177,27 @@ class Runner:
             try:
                 self.sim.loadCheckpoint(str(chk))
                 loaded = "binary"
+                held = self.sim.context.getStepCount()
             except openmm.OpenMMException:
                 loaded = "xml"
         if loaded == "xml":
             try:
                 state = openmm.XmlSerializer.deserialize((self.dir / "checkpoint.xml").read_text())
+                if not isinstance(state, openmm.State):
+                    raise ValueError(f"it holds a {type(state).__name__}, not a State")
             except (OSError, ValueError, openmm.OpenMMException) as exc:
                 # An expected resume point that cannot be read fails the attempt: never a
                 # silent restart from scratch.
                 raise RunnerError(f"checkpoint.xml unreadable: {exc}") from None
             self.sim.context.setState(state)
+            held = state.getStepCount()
+        if held > step:
+            # checkpoint.xml and .chk are replaced before checkpoint.json: a crash between the
+            # writes leaves checkpoint.json naming the previous step beside a newer, complete
+            # state. Its own step is the truth; relabelling it would run those steps twice.
+            print(f"checkpoint.json says step {step}, the {loaded} checkpoint holds step {held} "
+                  f"(interrupted between checkpoint writes): using {held}", flush=True)
+            step = held
         self.sim.context.setStepCount(step)
         self.sim.currentStep = step
         self.trim_energies(step)
