@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from _procs import die_with_parent, terminated
+
 KEEPALIVE_IDLE = 4.0  # uvicorn closes idle keep-alive connections after 5 s
 NEXT_CURSOR = re.compile(rb'"next_cursor":"([0-9]+)"}$')
 CHECKPOINT_BYTES = os.urandom(4096)
@@ -286,14 +288,6 @@ def cpu_seconds(pid: int) -> dict[int, float]:
     return out
 
 
-def _die_with_parent() -> None:
-    """In the server child: get SIGTERM if the benchmark dies without cleaning up (Linux)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
 
 
 class ServerProcess:
@@ -317,7 +311,7 @@ class ServerProcess:
             self.pinned = True
         log = (self.home / "serve.out").open("wb")
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                     stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         log.close()
         endpoint = self.home / "orchestrator.json"
         deadline = time.monotonic() + timeout
@@ -733,13 +727,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _terminated(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwind, so the server is stopped and the home removed
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGTERM, terminated)
     server: ServerProcess | None = None
     try:
         if args.url:

@@ -46,6 +46,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _procs import die_with_parent, terminated  # noqa: E402
+
 from relaymd.client import Client  # noqa: E402
 from relaymd.models import CheckpointInfo, JobCreate, JobDetail  # noqa: E402
 from relaymd.storage import open_storage  # noqa: E402
@@ -62,18 +64,8 @@ def expected_result(total: int) -> int:
     return x
 
 
-def _die_with_parent() -> None:
-    """In a child: get SIGTERM if the benchmark dies without cleaning up (Linux)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
 
 
-def _terminated(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwind, so every process is ended and the home removed
 
 
 # --------------------------------------------------------------------------- processes
@@ -135,7 +127,7 @@ class Cluster:
             self.server = subprocess.Popen(
                 [sys.executable, "-m", "relaymd", "serve", "--host", "127.0.0.1", "--port", "0"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent)
+                preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout
         while True:
             if self.server.poll() is not None:
@@ -161,7 +153,7 @@ class Cluster:
         with (self.home / f"worker-{name}.log").open("wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "relaymd", "worker"], env=env,
                                     stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                    stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         self.workers.append(proc)
         return proc
 
@@ -381,7 +373,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGTERM, terminated)
     cluster = Cluster(args)
     try:
         return run(args, cluster)

@@ -58,6 +58,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _procs import die_with_parent, terminated  # noqa: E402
+
 from relaymd.client import Client  # noqa: E402
 from relaymd.models import JobCreate  # noqa: E402
 from relaymd.storage import open_storage  # noqa: E402
@@ -74,18 +76,8 @@ def now() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
-def _die_with_parent() -> None:
-    """In a child: get SIGTERM if the benchmark dies without cleaning up (Linux)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
 
 
-def _terminated(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwind, so every process is ended and the home removed
 
 
 # --------------------------------------------------------------------------- /proc
@@ -263,7 +255,7 @@ class Bench:
         with (self.home / f"bare-{repeat}.log").open("wb") as log:
             proc = subprocess.Popen(["/bin/sh", "-c", self.command], cwd=work, env=self.env,
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, preexec_fn=_die_with_parent)
+                                    start_new_session=True, preexec_fn=die_with_parent)
         self.procs.append(proc)
         self.groups.add(proc.pid)
         started = proc_stat(proc.pid)
@@ -304,7 +296,7 @@ class Bench:
             self.server = subprocess.Popen(
                 [sys.executable, "-m", "relaymd", "serve", "--host", "127.0.0.1", "--port", "0"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent)
+                preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout
         while True:
             if self.server.poll() is not None:
@@ -371,7 +363,7 @@ class Bench:
         with log_path.open("wb") as log:
             worker = subprocess.Popen([sys.executable, "-m", "relaymd", "worker"], env=env,
                                       stdout=log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                      stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         self.procs.append(worker)
         assert self.server is not None
         engine: int | None = None
@@ -527,7 +519,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGTERM, terminated)
     bench = Bench(args)
     try:
         return run(args, argv, bench)
