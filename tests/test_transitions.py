@@ -126,6 +126,17 @@ async def test_stale_attempt_is_fenced(machine: StateMachine, action: str) -> No
     assert (await machine.store.run(machine.store.get_job, JOB))["attempt"] == 2
 
 
+async def test_losing_a_job_whose_worker_still_looks_busy_marks_that_worker_stale(
+        machine: StateMachine) -> None:
+    """lose() on a lease whose worker row still says busy (found by the property test): the
+    worker must not stay busy with a job that no longer names it."""
+    await seed(machine, S.running)
+    row = await machine.lose(JOB, WORKER, 1, "silent")
+    assert row["status"] == S.queued and row["worker_id"] is None
+    worker = await machine.store.run(machine.store.get_worker, WORKER)
+    assert (worker["status"], worker["job_id"]) == ("stale", None), dict(worker)
+
+
 async def test_other_worker_is_fenced(machine: StateMachine) -> None:
     await seed(machine, S.running)
     with pytest.raises(TransitionConflict):

@@ -275,6 +275,10 @@ class StateMachine:
         return await self._change("lose", self._leased(
             "lose", job_id, worker_id, attempt, str(Q),
             set_fields={"worker_id": None, "updated_at": now},
+            # a worker still marked busy with this job is the one that vanished: stale, not busy
+            worker_update=self._free_worker(
+                worker_id, job_id,
+                status=Expr("CASE WHEN status = 'busy' THEN 'stale' ELSE status END")),
             event=self._event("lose", reason, worker_id, attempt=attempt)))
 
     async def _get(self, job_id: str) -> dict[str, Any]:
