@@ -55,6 +55,8 @@ class CheckpointSpec(Strict):
     paths: list[str] = Field(default_factory=lambda: ["*.chk", "*.xml"], min_length=1)
     sentinel: str | None = None
     poll_seconds: float = Field(default=60.0, gt=0)
+    # The two looks that must agree before a set is packed are this far apart.
+    settle_seconds: float = Field(default=0.5, gt=0, le=60)
 
     @field_validator("paths")
     @classmethod

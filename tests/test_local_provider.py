@@ -47,7 +47,7 @@ def test_queued_work_gets_a_local_worker_that_runs_it_and_is_reaped(
 def test_stopping_the_orchestrator_hands_running_jobs_back_first(
         orch: RunningOrchestrator, tmp_path: Path) -> None:
     op = orch.operator()
-    job_id = long_job(orch, tmp_path, step_s=0.02, every=5)
+    job_id = long_job(orch, tmp_path, step_s=0.02, every=25)
     wait_for(lambda: op.get_job(job_id).latest_checkpoint, 30, "a first checkpoint")
     p = provider(orch)
     (worker,) = p.workers

@@ -97,10 +97,16 @@ def run_runner(workdir: Path, args: list[str], timeout: float = 60) -> subproces
                           capture_output=True, text=True, timeout=timeout, start_new_session=True)
 
 
-def start_runner(workdir: Path, args: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "relaymd.engines.openmm", *args], cwd=workdir,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+def start_runner(workdir: Path, args: list[str], log: Path | None = None) -> subprocess.Popen[str]:
+    """The runner in its own group; its output piped, or written to `log` to read while it runs."""
+    out: Any = subprocess.PIPE if log is None else open(log, "w")  # noqa: SIM115
+    try:
+        return subprocess.Popen([sys.executable, "-m", "relaymd.engines.openmm", *args],
+                                cwd=workdir, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    finally:
+        if log is not None:
+            out.close()
 
 
 def said(proc: subprocess.CompletedProcess[str]) -> str:
@@ -121,22 +127,26 @@ def energies(text: str) -> list[Row]:
     return rows
 
 
-def last_step(path: Path) -> int:
+def echoed(log: Path) -> list[Row]:
+    """The energy records a `--print-energies` runner echoed to its output so far (complete
+    lines only): also those past its last checkpoint, which energies.csv does not hold yet."""
     try:
-        lines = path.read_text().splitlines()
+        text = log.read_text()
     except FileNotFoundError:
-        return 0
-    return int(lines[-1].split(",")[0]) if len(lines) > 1 and lines[-1].count(",") == 5 else 0
+        return []
+    lines = [ln[len("energy "):] for ln in text.splitlines(keepends=True)
+             if ln.startswith("energy ") and ln.endswith("\n")]
+    return energies(ENERGY_HEADER + "".join(lines))
 
 
 def freeze_past_checkpoint(group: int, log: Path, after: int, every: int) -> list[Row] | None:
     """SIGSTOP the runner's group once its last record is past `after` and between checkpoints
     (so records beyond its last checkpoint exist); the records then, or None to look again."""
-    last = last_step(log)
-    if last <= after or last % every == 0:
+    rows = echoed(log)
+    if not rows or rows[-1][0] <= after or rows[-1][0] % every == 0:
         return None
     os.killpg(group, signal.SIGSTOP)
-    rows = energies(log.read_text())
+    rows = echoed(log)
     if rows[-1][0] % every:
         return rows
     os.killpg(group, signal.SIGCONT)  # it reached a checkpoint step meanwhile: try again
@@ -284,14 +294,16 @@ def test_a_crash_after_a_checkpoint_redoes_only_the_lost_steps_once(
     total, every, report = 800, 200, 50
     work = job_copy(example, tmp_path / "job")
     args = runner_args(example[1], total, every, report)
-    proc = start_runner(work, args)
+    log = tmp_path / "runner.log"
+    proc = start_runner(work, [*args, "--print-energies"], log)
     try:
         wait_for(lambda: (work / "checkpoint.json").exists() or proc.poll() is not None, 30,
                  "the runner's first periodic checkpoint")
         first = json.loads((work / "checkpoint.json").read_text())["step"]
         # freeze it between checkpoints, note where it is, then crash it
         lost = wait_for(lambda: proc.poll() is None and freeze_past_checkpoint(
-            proc.pid, work / "energies.csv", first, every), 20, "records past the first checkpoint")
+            proc.pid, log, first, every), 20, "records past the first checkpoint")
+        on_disk = energies((work / "energies.csv").read_text())
         ckpt = json.loads((work / "checkpoint.json").read_text())["step"]
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
@@ -302,6 +314,9 @@ def test_a_crash_after_a_checkpoint_redoes_only_the_lost_steps_once(
     assert proc.returncode == -signal.SIGKILL, f"runner exit {proc.returncode}: it was not killed"
     assert 0 < ckpt < total and lost[-1][0] > ckpt, \
         f"checkpoint at {ckpt}, last record at {lost[-1][0]}: no lost work to redo"
+    assert on_disk and on_disk[-1][0] == ckpt, \
+        f"energies.csv ends at step {on_disk[-1][0] if on_disk else None}, the checkpoint is at " \
+        f"{ckpt}: records must reach the file only with a checkpoint (the watcher needs it still)"
 
     again = run_runner(work, args)
     assert again.returncode == 0, f"the rerun failed: {said(again)}"
@@ -430,7 +445,8 @@ def submit_openmm(orch: RunningOrchestrator, tmp_path: Path, example: tuple[Path
     job_id = uuid.uuid4().hex
     src = job_copy(example, tmp_path / f"job-{job_id[:6]}")
     spec = dict(example[1])
-    spec["command"] = " ".join([RUNNER, *map(shlex.quote, runner_args(spec, total, every, report))])
+    args = [*runner_args(spec, total, every, report), "--print-energies"]
+    spec["command"] = " ".join([RUNNER, *map(shlex.quote, args)])
     spec["checkpoint"] = {**spec["checkpoint"], "poll_seconds": 0.1}
     (src / "relaymd.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     bundle = tmp_path / f"{job_id}.tar.gz"
@@ -465,7 +481,7 @@ def test_a_job_whose_node_dies_resumes_on_a_new_worker_to_exactly_its_total(
     w1 = start_worker(orch, tmp_path, "w1")
     first = wait_accepted(op, job_id, tmp_path, "w1", timeout=40)
     accepted = json.loads(checkpoint_files(orch, latest(first), tmp_path)["checkpoint.json"])["step"]
-    live = tmp_path / "work-w1" / f"{job_id[:12]}-attempt1" / "energies.csv"
+    live = tmp_path / "work-w1" / f"{job_id[:12]}-attempt1.log"  # the engine's output
     group = engine_group(w1)
     assert group, f"no engine under worker w1 ({why(tmp_path, 'w1')})"
     # freeze the engine between checkpoints, note what it had done, then the node dies

@@ -83,7 +83,8 @@ def no_leftover_processes(orch: RunningOrchestrator, tmp_path: Path) -> Iterator
 
 def submit_stepper(orch: RunningOrchestrator, tmp_path: Path, *, total: int = 60,
                    step_s: float = 0.03, every: int = 10, env: dict[str, str] | None = None,
-                   max_attempts: int = 3, exec_engine: bool = False) -> str:
+                   max_attempts: int = 3, exec_engine: bool = False,
+                   checkpoint: dict[str, Any] | None = None) -> str:
     """exec_engine: the shell execs the engine (as bash does for a simple command) instead of
     staying its parent (as dash, Debian's /bin/sh, does)."""
     job_id = uuid.uuid4().hex
@@ -96,7 +97,8 @@ def submit_stepper(orch: RunningOrchestrator, tmp_path: Path, *, total: int = 60
         f" {'exec ' if exec_engine else ''}{sys.executable} stepper.py"
     (src / "relaymd.yaml").write_text(yaml.safe_dump({
         "command": command, "progress": "progress.json", "max_attempts": max_attempts,
-        "checkpoint": {"paths": ["state.json", "result.json"], "poll_seconds": 0.1},
+        "checkpoint": {"paths": ["state.json", "result.json"], "poll_seconds": 0.1,
+                       **(checkpoint or {})},
         "resources": {"gpus": 0}}))
     bundle = tmp_path / f"{job_id}.tar.gz"
     pack_directory(src, bundle)
@@ -167,6 +169,21 @@ def test_job_runs_to_completion_with_the_uninterrupted_result(
     assert logs == [f"jobs/{job_id}/logs/attempt-1.log.gz"]
     # the worker said goodbye
     assert {w.status for w in orch.operator().workers()} == {"gone"}
+
+
+def test_an_engine_checkpointing_faster_than_the_poll_still_gets_its_sets_uploaded(
+        orch: RunningOrchestrator, tmp_path: Path) -> None:
+    """A checkpoint every 0.4 s, a look every 2 s: two looks a poll apart would never agree.
+    The second look comes a moment (`settle_seconds`) after the first instead."""
+    job_id = long_job(orch, tmp_path, step_s=0.02, every=20,
+                      checkpoint={"poll_seconds": 2.0, "settle_seconds": 0.05})
+    op = orch.operator()
+    proc = start_worker(orch, tmp_path)
+    first = wait_accepted(op, job_id, tmp_path, timeout=30)
+    second = wait_accepted(op, job_id, tmp_path, after=first.latest_checkpoint, timeout=15)
+    assert second.status == "running", f"job is {second.status} ({why(tmp_path)})"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0, why(tmp_path)
 
 
 # --------------------------------------------------------------------------- processes

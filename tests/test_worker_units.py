@@ -3,6 +3,7 @@ hardware probes' parsers and the gateway's retry policy."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import tarfile
@@ -130,6 +131,49 @@ def test_pack_holds_exactly_the_set(tmp_path: Path) -> None:
     assert names == ["a.xml", "sub/b.chk"], f"packed {names}"
     assert packed.files == {"a.xml": 3, "sub/b.chk": 2}, f"manifest files {packed.files}"
     assert packed.size == packed.path.stat().st_size, "size differs from the file's"
+
+
+def test_a_set_replaced_by_rename_after_the_snapshot_packs_as_snapshotted(tmp_path: Path) -> None:
+    """Packing reads a snapshot: the engine may write its next checkpoint (by rename, the way
+    engines should) while the slow tar + gzip runs, and the packed set stays the one looked at."""
+    job = tmp_path / "job"
+    write(job / "a.xml", "first", T0)
+    write(job / "b.chk", "first-binary", T0)
+    w = Watcher(job, ["*.xml", "*.chk"], None)
+    sig = two_looks(w)[1]
+    assert sig is not None, "set not offered"
+    snap = tmp_path / "snap"
+    w.snapshot(sig, snap)
+    for name in ("a.xml", "b.chk"):  # the next checkpoint lands, atomically
+        write(job / f".{name}.tmp", "second!", T0 + 9)
+        os.replace(job / f".{name}.tmp", job / name)
+    packed = checkpoint_mod.pack_snapshot(snap, sig, tmp_path / "out.tar.gz")
+    with tarfile.open(packed.path) as tar:
+        got = {m.name: tar.extractfile(m).read().decode() for m in tar.getmembers()}  # type: ignore[union-attr]
+    assert got == {"a.xml": "first", "b.chk": "first-binary"}, f"packed {got}"
+    assert packed.sha256 == hashlib.sha256(packed.path.read_bytes()).hexdigest(), "sha256 wrong"
+
+
+def test_a_set_rewritten_in_place_during_packing_is_incomplete(tmp_path: Path) -> None:
+    """An engine that rewrites in place changes the snapshot's linked inode: never shipped."""
+    job = tmp_path / "job"
+    write(job / "a.xml", "first", T0)
+    w = Watcher(job, ["*.xml"], None)
+    sig = two_looks(w)[1]
+    assert sig is not None, "set not offered"
+    snap = tmp_path / "snap"
+    w.snapshot(sig, snap)
+    write(job / "a.xml", "second", T0 + 9)  # same inode as the snapshot's link
+    with pytest.raises(IncompleteCheckpoint, match="in place"):
+        checkpoint_mod.pack_snapshot(snap, sig, tmp_path / "out.tar.gz")
+
+
+def test_the_watcher_says_when_a_second_look_is_due(tmp_path: Path) -> None:
+    w = Watcher(tmp_path, ["*.chk"], None)
+    assert w.candidate() is None and not w.awaiting_second_look, "nothing there, nothing due"
+    write(tmp_path / "a.chk", "1", T0)
+    assert w.candidate() is None and w.awaiting_second_look, "a new set needs its second look"
+    assert w.candidate() is not None and not w.awaiting_second_look, "the second look agrees"
 
 
 def test_newer_than_a_baseline(tmp_path: Path) -> None:

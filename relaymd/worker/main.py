@@ -35,6 +35,7 @@ from relaymd.worker.hardware import detect_gpus, hostname, slurm_end_time
 
 log = logging.getLogger("relaymd.worker")
 STOP_GRACE = 10.0  # for a cancelled job or a lost lease: nobody waits for its checkpoint
+SETTLE_LOOKS = 5  # looks, `settle_seconds` apart, before a moving set waits for the next poll
 
 
 class PrepareError(Exception):
@@ -304,21 +305,29 @@ class Worker:
 
     # ------------------------------------------------------------------ checkpoints
 
+    async def stable_set(self, watcher: Watcher, settle: float,
+                         newer_than: int | None = None) -> Signature | None:
+        """Look, and while the look finds a new set not yet confirmed, look again `settle`
+        seconds later (a few times: the engine may be mid-way through its writes)."""
+        sig = watcher.candidate(newer_than)
+        for _ in range(SETTLE_LOOKS):
+            if sig is not None or not watcher.awaiting_second_look:
+                break
+            await asyncio.sleep(settle)
+            sig = watcher.candidate(newer_than)
+        return sig
+
     async def final_checkpoint(self, run: JobRun, watcher: Watcher,
                                newer_than: int | None) -> CheckpointReport | None:
         """After the engine exited its files are still: two looks a moment apart suffice."""
-        sig = watcher.candidate(newer_than)
-        for _ in range(3):
-            if sig is not None:
-                break
-            await asyncio.sleep(0.2)
-            sig = watcher.candidate(newer_than)
+        sig = await self.stable_set(watcher, 0.2, newer_than)
         if sig is None:
             return None
         return await self.upload_checkpoint(run, watcher, sig)
 
     async def maybe_checkpoint(self, run: JobRun, watcher: Watcher) -> None:
-        sig = watcher.candidate()
+        ckpt = run.assignment.job.spec.checkpoint
+        sig = await self.stable_set(watcher, min(ckpt.settle_seconds, ckpt.poll_seconds))
         if sig is None:
             return
         report = await self.upload_checkpoint(run, watcher, sig)

@@ -24,6 +24,9 @@ def parse(argv: list[str]) -> Options:
     p.add_argument("--checkpoint-steps", type=int, default=5000)
     p.add_argument("--checkpoint-seconds", type=float, default=600.0)
     p.add_argument("--report-steps", type=int, default=500)
+    p.add_argument("--print-energies", action="store_true",
+                   help="echo each energy record to stdout as it is taken (energies.csv gets "
+                        "them at each checkpoint)")
     p.add_argument("--platform", default="auto", help="auto (CUDA, OpenCL, CPU) or a name")
     p.add_argument("--threads", type=int, help="CPU platform threads")
     p.add_argument("--workdir", type=Path, default=Path("."))
@@ -40,7 +43,8 @@ def parse(argv: list[str]) -> Options:
     return Options(workdir=a.workdir, system=a.system, integrator=a.integrator, state=a.state,
                    pdb=a.pdb, forcefields=a.forcefield, steps=steps,
                    checkpoint_steps=a.checkpoint_steps, checkpoint_seconds=a.checkpoint_seconds,
-                   report_steps=a.report_steps, platform=a.platform, threads=a.threads)
+                   report_steps=a.report_steps, platform=a.platform, threads=a.threads,
+                   print_energies=a.print_energies)
 
 
 def _step_size_ps(integrator: Path | None) -> float:

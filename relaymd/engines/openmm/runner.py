@@ -5,7 +5,9 @@ Files in the job dir (the bundle's working directory):
   checkpoint.chk   binary `saveCheckpoint` (also the integrator's RNG) — used only on the same
                    platform and OpenMM version, where it continues the trajectory exactly
   checkpoint.json  the commit point, written last: step, platform, OpenMM version
-  energies.csv     one record per report interval, appended across resumes (never duplicated)
+  energies.csv     one record per report interval, appended across resumes (never duplicated);
+                   records are held in memory and appended at each checkpoint, so the file
+                   changes only with the rest of the set (a watcher needs the set to hold still)
   progress.json    {done, total, unit: "ns", ns_per_day} for the worker's heartbeat
 Every file is written atomically (temp file, fsync, rename). SIGTERM writes a checkpoint and
 exits 75 (EX_TEMPFAIL); the process exits 0 only when the total is reached.
@@ -57,6 +59,7 @@ class Options:
     platform: str
     threads: int | None
     chunk_steps: int = 100
+    print_energies: bool = False  # also echo each record to stdout as it is taken
 
 
 def choose_platform(name: str) -> list[Any]:
@@ -82,6 +85,7 @@ class Runner:
         self.platform_name = ""
         self.dt_ps = 0.0
         self.steps_per_second = 0.0
+        self.energy_records: list[str] = []  # reported since the last checkpoint
 
     # ------------------------------------------------------------------ setup
 
@@ -222,6 +226,12 @@ class Runner:
         step = self.sim.currentStep
         state = self.sim.context.getState(getPositions=True, getVelocities=True,
                                           getParameters=True, enforcePeriodicBox=False)
+        if self.energy_records:
+            with open(self.dir / "energies.csv", "a") as fh:
+                fh.writelines(self.energy_records)
+                fh.flush()
+                os.fsync(fh.fileno())
+            self.energy_records.clear()
         write_atomic(self.dir / "checkpoint.xml", openmm.XmlSerializer.serialize(state).encode())
         write_atomic(self.dir / "checkpoint.chk", self.sim.context.createCheckpoint())
         meta = {"step": step, "chk_step": step, "platform": self.platform_name,
@@ -240,9 +250,11 @@ class Runner:
         box = state.getPeriodicBoxVolume().value_in_unit(u.nanometer ** 3) \
             if self.sim.system.usesPeriodicBoundaryConditions() else 0.0
         pe = state.getPotentialEnergy().value_in_unit(u.kilojoule_per_mole)
-        with open(self.dir / "energies.csv", "a") as fh:
-            fh.write(f"{self.sim.currentStep},{self.sim.currentStep * self.dt_ps:.4f},"
-                     f"{pe:.4f},{ke:.4f},{temp:.2f},{box:.6f}\n")
+        record = (f"{self.sim.currentStep},{self.sim.currentStep * self.dt_ps:.4f},"
+                  f"{pe:.4f},{ke:.4f},{temp:.2f},{box:.6f}\n")
+        self.energy_records.append(record)
+        if self.o.print_energies:
+            print(f"energy {record}", end="", flush=True)
 
     def _dof(self) -> int:
         import openmm
