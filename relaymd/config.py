@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import (
@@ -21,6 +21,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+if TYPE_CHECKING:
+    from relaymd.storage import Storage
 
 ENV_PREFIX = "RELAYMD_"
 
@@ -58,7 +61,18 @@ class Settings(BaseModel):
     token: SecretStr | None = None  # client token; default: read from tokens_file
 
     database: Path | None = None  # default: {home}/relaymd.db (keep it on local disk, not NFS)
-    storage_url: str | None = None  # default: file://{home}/storage
+    storage_url: str | None = None  # default: file://{home}/storage; or s3://BUCKET/PREFIX
+    # s3:// storage (Backblaze B2: endpoint https://s3.REGION.backblazeb2.com, region REGION).
+    s3_endpoint_url: str | None = None  # None: AWS
+    s3_region: str = "us-east-1"
+    s3_addressing_style: Literal["path", "virtual", "auto"] = "path"
+    s3_access_key_id: SecretStr | None = None  # None: AWS_ACCESS_KEY_ID and boto3's usual chain
+    s3_secret_access_key: SecretStr | None = None
+    s3_read_base_url: str | None = None  # reads through this (a Cloudflare Worker), S3 fallback
+    s3_part_size_mb: int = Field(default=16, ge=5, le=5120)  # multipart part size
+    s3_concurrency: int = Field(default=4, ge=1, le=64)  # parts in flight per transfer
+    s3_max_attempts: int = Field(default=5, ge=1, le=20)  # per request (5xx, timeouts)
+    checkpoint_keep: int = Field(default=3, ge=1)  # newest checkpoints kept per job; older: deleted
     tokens_file: Path | None = None  # default: {home}/tokens.json (0600)
     log_file: Path | None = None  # default: {home}/relaymd.log
 
@@ -111,6 +125,32 @@ class Settings(BaseModel):
     def storage(self) -> str:
         return self.storage_url or f"file://{self.home / 'storage'}"
 
+    def open_storage(self) -> Storage:
+        """The storage backend these settings name, with the S3 options filled in."""
+        from relaymd.storage import open_storage
+        from relaymd.storage.s3 import MiB, S3Options
+
+        def secret(value: SecretStr | None) -> str | None:
+            return value.get_secret_value() if value is not None else None
+        return open_storage(self.storage, S3Options(
+            endpoint_url=self.s3_endpoint_url, region=self.s3_region,
+            addressing_style=self.s3_addressing_style,
+            access_key_id=secret(self.s3_access_key_id),
+            secret_access_key=secret(self.s3_secret_access_key),
+            read_base_url=self.s3_read_base_url, part_size=self.s3_part_size_mb * MiB,
+            concurrency=self.s3_concurrency, max_attempts=self.s3_max_attempts))
+
+    def storage_env(self) -> dict[str, str]:
+        """RELAYMD_* variables that give a worker process this storage (secrets included: for a
+        child's environment only, never for a log or a file)."""
+        env = {"RELAYMD_STORAGE_URL": self.storage}
+        for name in S3_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                env[ENV_PREFIX + name.upper()] = (
+                    value.get_secret_value() if isinstance(value, SecretStr) else str(value))
+        return env
+
     @property
     def tokens_path(self) -> Path:
         return self.tokens_file or self.home / "tokens.json"
@@ -127,6 +167,9 @@ class Settings(BaseModel):
     def endpoint_file(self) -> Path:
         """Where a running orchestrator writes the URL it actually bound (port 0 included)."""
         return self.home / "orchestrator.json"
+
+
+S3_FIELDS = tuple(name for name in Settings.model_fields if name.startswith("s3_"))
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:

@@ -31,7 +31,6 @@ from relaymd.engines.openmm.runner import (  # noqa: E402
     EXIT_INTERRUPTED,
 )
 from relaymd.models import CheckpointInfo, JobCreate  # noqa: E402
-from relaymd.storage import open_storage  # noqa: E402
 from relaymd.storage.bundle import pack_directory  # noqa: E402
 
 from . import test_worker  # noqa: E402
@@ -460,7 +459,7 @@ def submit_openmm(orch: RunningOrchestrator, tmp_path: Path, example: tuple[Path
 def checkpoint_files(orch: RunningOrchestrator, info: CheckpointInfo, tmp_path: Path) -> dict[str, str]:
     """The text files of an accepted checkpoint, fetched from storage."""
     dest = tmp_path / f"ckpt-{uuid.uuid4().hex[:8]}.tar.gz"
-    open_storage(orch.settings.storage).get_file(info.key, dest, expected_sha256=info.sha256)
+    orch.settings.open_storage().get_file(info.key, dest, expected_sha256=info.sha256)
     out: dict[str, str] = {}
     with tarfile.open(dest) as tar:
         names = tar.getnames()

@@ -158,7 +158,6 @@ def test_open_storage_accepts_file_urls_and_paths(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("s3://bucket/prefix", "s3:// storage is not implemented yet"),
         ("ftp://host/x", "ftp://host/x"),
         ("relative/dir", "relative/dir"),
         ("file://remotehost/x", "three slashes"),

@@ -23,10 +23,9 @@ import yaml
 
 from relaymd.client import Client
 from relaymd.models import CheckpointInfo, CheckpointReport, JobCreate, JobDetail
-from relaymd.storage import open_storage
 from relaymd.storage.bundle import pack_directory
 
-from .conftest import RunningOrchestrator, make_settings
+from .conftest import RunningOrchestrator, make_settings, s3_settings
 
 ENGINE = Path(__file__).parent / "engines" / "stepper.py"
 A, M = 1103515245, 2**31
@@ -39,9 +38,14 @@ def expected_result(total: int) -> int:
     return x
 
 
-@pytest.fixture
-def orch(tmp_path: Path) -> Iterator[RunningOrchestrator]:
-    settings = make_settings(tmp_path / "home", heartbeat_interval=0.3, heartbeat_timeout=2.0)
+@pytest.fixture(params=["file", "s3"])
+def orch(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RunningOrchestrator]:
+    """Every worker test runs on file:// storage and on s3:// (a moto server on loopback)."""
+    timing = {"heartbeat_interval": 0.3, "heartbeat_timeout": 2.0}
+    if request.param == "s3":
+        settings = s3_settings(request.getfixturevalue("moto_server"), tmp_path / "home", **timing)
+    else:
+        settings = make_settings(tmp_path / "home", **timing)
     settings.reap_interval = 0.3
     running = RunningOrchestrator(settings).start()
     yield running
@@ -113,7 +117,8 @@ _STARTED: list[tuple[subprocess.Popen[str], IO[str]]] = []  # ended after each t
 
 def start_worker(orch: RunningOrchestrator, tmp_path: Path, name: str = "w",
                  **env: str) -> subprocess.Popen[str]:
-    full = {**os.environ, "RELAYMD_HOME": str(orch.settings.home), "RELAYMD_URL": orch.url,
+    full = {**os.environ, **orch.settings.storage_env(), "RELAYMD_HOME": str(orch.settings.home),
+            "RELAYMD_URL": orch.url,
             "RELAYMD_WORKER_WORKDIR": str(tmp_path / f"work-{name}"),
             "RELAYMD_WORKER_IDLE": "immediate_exit", **env}
     full.pop("RELAYMD_CONFIG", None)
@@ -143,7 +148,7 @@ def final_result(orch: RunningOrchestrator, job_id: str, tmp_path: Path) -> dict
     detail = orch.operator().get_job(job_id)
     latest = detail.checkpoint_list[-1]
     dest = tmp_path / f"final-{job_id[:6]}.tar.gz"
-    open_storage(orch.settings.storage).get_file(latest.key, dest, expected_sha256=latest.sha256)
+    orch.settings.open_storage().get_file(latest.key, dest, expected_sha256=latest.sha256)
     with tarfile.open(dest) as tar:
         member = tar.extractfile("result.json")
         assert member is not None
@@ -165,7 +170,7 @@ def test_job_runs_to_completion_with_the_uninterrupted_result(
     assert job.checkpoints >= 2  # periodic ones and the final one
     steps = (tmp_path / f"steps-{job_id[:6]}.log").read_text().split()
     assert len(steps) == 60
-    logs = open_storage(orch.settings.storage).list(f"jobs/{job_id}/logs/")
+    logs = orch.settings.open_storage().list(f"jobs/{job_id}/logs/")
     assert logs == [f"jobs/{job_id}/logs/attempt-1.log.gz"]
     # the worker said goodbye
     assert {w.status for w in orch.operator().workers()} == {"gone"}
@@ -243,7 +248,7 @@ def checkpoint_state(orch: RunningOrchestrator, info: CheckpointInfo,
                      tmp_path: Path) -> dict[str, int]:
     """state.json inside an accepted checkpoint (the step it resumes from)."""
     dest = tmp_path / f"ckpt-{uuid.uuid4().hex[:8]}.tar.gz"
-    open_storage(orch.settings.storage).get_file(info.key, dest, expected_sha256=info.sha256)
+    orch.settings.open_storage().get_file(info.key, dest, expected_sha256=info.sha256)
     with tarfile.open(dest) as tar:
         member = tar.extractfile("state.json")
         assert member is not None, f"checkpoint {info.seq} has no state.json"
@@ -257,7 +262,7 @@ def latest(detail: JobDetail) -> CheckpointInfo:
 
 def engine_log(orch: RunningOrchestrator, job_id: str, attempt: int) -> str:
     key = f"jobs/{job_id}/logs/attempt-{attempt}.log.gz"
-    return gzip.decompress(open_storage(orch.settings.storage).get_bytes(key)).decode()
+    return gzip.decompress(orch.settings.open_storage().get_bytes(key)).decode()
 
 
 def why(tmp_path: Path, name: str = "w") -> str:
@@ -429,7 +434,7 @@ def test_engine_failure_is_reported_with_its_log_and_only_failures_count(
     assert "failing at step 25" in d.last_failure.log_tail, "log tail lacks the engine's error"
     assert [e.kind for e in d.events if e.kind in ("release", "fail")] == \
         ["release", "fail", "fail"], f"events {[e.kind for e in d.events]}"
-    logs = open_storage(orch.settings.storage).list(f"jobs/{job_id}/logs/")
+    logs = orch.settings.open_storage().list(f"jobs/{job_id}/logs/")
     assert logs == [f"jobs/{job_id}/logs/attempt-{n}.log.gz" for n in (2, 3)], f"logs {logs}"
     assert "failing at step 25" in engine_log(orch, job_id, 3), "uploaded log lacks the error"
 
@@ -520,7 +525,7 @@ def test_poll_then_exit_picks_up_a_late_job_and_exits_after_idling(
         orch: RunningOrchestrator, tmp_path: Path) -> None:
     op = orch.operator()
     w = start_worker(orch, tmp_path, RELAYMD_WORKER_IDLE="poll_then_exit",
-                     RELAYMD_WORKER_POLL_INTERVAL="0.2", RELAYMD_WORKER_POLL_MAX="1")
+                     RELAYMD_WORKER_POLL_INTERVAL="0.2", RELAYMD_WORKER_POLL_MAX="3")
     wait_for(lambda: op.workers(), 15, "the worker to register")
     time.sleep(0.5)
     job_id = submit_stepper(orch, tmp_path, total=10, every=5, step_s=0.02)
@@ -528,7 +533,7 @@ def test_poll_then_exit_picks_up_a_late_job_and_exits_after_idling(
                     lambda: f"the late job to complete ({why(tmp_path)})")
     assert w.wait(10) == 0, f"worker exit status {w.returncode}"
     idle = time.time() - done.finished_at.timestamp()
-    assert 0.9 <= idle <= 2.5, f"exited {idle:.2f}s after its job ended; poll max is 1 s"
+    assert 2.9 <= idle <= 4.5, f"exited {idle:.2f}s after its job ended; poll max is 3 s"
 
 
 # --------------------------------------------------------------------------- corrupt resume
@@ -547,7 +552,7 @@ def plant_checkpoint(orch: RunningOrchestrator, job_id: str, state: dict[str, in
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
     blob = raw.getvalue()
-    open_storage(orch.settings.storage).put_bytes(reserved.key, blob, overwrite=True)
+    orch.settings.open_storage().put_bytes(reserved.key, blob, overwrite=True)
     client.release(job_id, a.attempt, "stand-in hand-off", CheckpointReport(
         attempt=a.attempt, seq=reserved.seq, sha256=hashlib.sha256(blob).hexdigest(),
         size=len(blob)))
@@ -559,11 +564,10 @@ def test_corrupt_resume_checkpoint_fails_the_attempt_never_a_fresh_start(
     job_id = submit_stepper(orch, tmp_path, total=30, every=5, max_attempts=1)
     op = orch.operator()
     key = plant_checkpoint(orch, job_id, {"n": 10, "x": expected_result(10)})
-    stored = orch.settings.home / "storage" / key
-    assert stored.is_file(), f"planted checkpoint not at {stored}"
-    blob = bytearray(stored.read_bytes())
+    storage = orch.settings.open_storage()
+    blob = bytearray(storage.get_bytes(key))
     blob[len(blob) // 2] ^= 0xFF  # same size, different sha256
-    stored.write_bytes(bytes(blob))
+    storage.put_bytes(key, bytes(blob), overwrite=True)
     w = start_worker(orch, tmp_path)
     wait_for(lambda: op.get_job(job_id).status == "failed", 4,
              lambda: f"the job to fail on its corrupt checkpoint ({why(tmp_path)})")

@@ -31,7 +31,6 @@ from relaymd.server.metrics import Metrics
 from relaymd.server.provisioning.local import LocalProvider
 from relaymd.server.service import Service
 from relaymd.server.store import Store
-from relaymd.storage import open_storage
 
 log = logging.getLogger(__name__)
 NETWORK_FILESYSTEMS = {"nfs", "nfs4", "gpfs", "lustre", "cifs", "smb2", "fuse.sshfs", "beegfs"}
@@ -159,7 +158,7 @@ class Orchestrator:
                             "there; move RELAYMD_HOME/database to local disk",
                             settings.database_path, fs)
             try:
-                storage = open_storage(settings.storage)
+                storage = settings.open_storage()
             except Exception as exc:
                 raise OrchestratorError(f"storage {settings.storage}: {exc}") from None
             tokens = load_or_create_tokens(settings)

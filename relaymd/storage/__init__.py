@@ -10,8 +10,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
+
+if TYPE_CHECKING:
+    from relaymd.storage.s3 import S3Options
 
 __all__ = [
     "IntegrityError",
@@ -141,11 +144,12 @@ def log_key(job_id: str, attempt: int) -> str:
     return validate_key(f"{job_prefix(job_id)}logs/attempt-{attempt}.log.gz")
 
 
-def open_storage(url: str) -> Storage:
+def open_storage(url: str, s3: S3Options | None = None) -> Storage:
     """Turn an operator's storage setting into a backend.
 
     Accepts `file:///abs/path` (or `file://localhost/abs/path`), a plain absolute path (`~` is
-    expanded), and, later, `s3://BUCKET/PREFIX`.
+    expanded), and `s3://BUCKET/PREFIX` (reached as `s3` says: endpoint, credentials, read base
+    URL, part size; `Settings.open_storage()` fills it from the config).
     """
     from relaymd.storage.local import LocalStorage  # local imports this module
 
@@ -167,7 +171,12 @@ def open_storage(url: str) -> Storage:
             )
         return LocalStorage(Path(path))
     if scheme == "s3":
-        raise StorageError(
-            f"s3:// storage is not implemented yet ({url}); use file:///ABSOLUTE/PATH for now"
-        )
+        from relaymd.storage.s3 import S3Storage
+
+        if not parts.netloc or parts.query or parts.fragment:
+            raise StorageError(f"storage URL {url!r}: write it as s3://BUCKET or s3://BUCKET/PREFIX")
+        try:
+            return S3Storage(parts.netloc, unquote(parts.path), s3)
+        except ValueError as exc:
+            raise StorageError(f"storage URL {url!r}: {exc}") from None
     raise StorageError(f"storage URL {url!r} is not understood; use {ACCEPTED_SCHEMES}")

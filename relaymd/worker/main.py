@@ -432,8 +432,6 @@ def setup_worker_logging(level: int = logging.INFO) -> None:
 
 
 async def run_worker(settings: Settings, url: str, token: str) -> int:
-    from relaymd.storage import open_storage
-
-    storage = open_storage(settings.storage)
+    storage = settings.open_storage()
     with Client(url, token) as client:
         return await Worker(settings, client, storage).run()

@@ -76,8 +76,9 @@ class LocalProvider:
         number = self.started_total
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"worker-{number}.log"
-        env = {**os.environ, "RELAYMD_HOME": str(self.settings.home), "RELAYMD_URL": self.url,
-               "RELAYMD_PLATFORM": "local", "RELAYMD_WORKER_IDLE": "immediate_exit"}
+        env = {**os.environ, **self.settings.storage_env(), "RELAYMD_HOME": str(self.settings.home),
+               "RELAYMD_URL": self.url, "RELAYMD_PLATFORM": "local",
+               "RELAYMD_WORKER_IDLE": "immediate_exit"}
         env.pop("RELAYMD_TOKEN", None)  # the worker registers with the bootstrap token
         with open(log_path, "ab") as out:
             proc = subprocess.Popen([sys.executable, "-m", "relaymd", "worker"], env=env,
