@@ -423,5 +423,92 @@ def workers(ctx: click.Context, url: str | None, as_json: bool) -> None:
         Console().print(workers_table(listed))
 
 
+
+@main.command()
+@click.argument("job_ref")
+@click.option("--download", "download", is_flag=False, flag_value="", default=None,
+              metavar="[DIR]", help="fetch, verify and extract a checkpoint into DIR "
+              "(default ./JOBID-checkpoint-SEQ)")
+@click.option("--seq", type=int, help="which checkpoint to download (default: the latest)")
+@url_option
+@json_option
+@click.pass_context
+def checkpoints(ctx: click.Context, job_ref: str, download: str | None, seq: int | None,
+                url: str | None, as_json: bool) -> None:
+    """List a job's stored checkpoints, or download one (sha256 checked) and extract it."""
+    with client_of(ctx, url) as client:
+        detail = call(lambda: client.get_job(job_ref))
+    kept = detail.checkpoint_list
+    if download is None:
+        if seq is not None:
+            die("--seq goes with --download")
+        if as_json:
+            emit_json(kept)
+        elif not kept:
+            click.echo(f"job {detail.id[:8]} has no checkpoints yet")
+        else:
+            table = Table("SEQ", "SIZE", "ATTEMPT", "WORKER", "CREATED", "PROGRESS", "SHA256",
+                          box=None, header_style="bold")
+            for c in kept:
+                done = f"{c.progress.done:g}/{c.progress.total:g} {c.progress.unit}" \
+                    if c.progress else "-"
+                table.add_row(str(c.seq), f"{c.size / 1e6:.2f} MB", str(c.attempt), c.worker_id[:8],
+                              f"{c.created_at:%Y-%m-%d %H:%M:%S}", done, c.sha256[:12])
+            Console().print(table)
+        return
+    if not kept:
+        die(f"job {detail.id[:8]} has no checkpoints to download")
+    chosen = kept[-1] if seq is None else next((c for c in kept if c.seq == seq), None)
+    if chosen is None:
+        die(f"job {detail.id[:8]} has no checkpoint {seq}; stored: "
+            f"{', '.join(str(c.seq) for c in kept)} (older ones are deleted after newer ones)")
+    dest = Path(download or f"{detail.id[:12]}-checkpoint-{chosen.seq}")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        die(f"{dest} exists and is not an empty directory; name another with --download DIR")
+    from relaymd.storage import StorageError
+    from relaymd.storage.bundle import BundleError, extract_bundle
+
+    storage = settings_of(ctx).open_storage()
+    with tempfile.TemporaryDirectory(prefix="relaymd-ckpt-") as tmp:
+        archive = Path(tmp) / "checkpoint.tar.gz"
+        try:
+            storage.get_file(chosen.key, archive, expected_sha256=chosen.sha256)
+            info = extract_bundle(archive, dest)
+        except (StorageError, BundleError) as exc:
+            die(f"checkpoint {chosen.seq} of job {detail.id[:8]}: {exc}")
+    if as_json:
+        click.echo(json.dumps({"job_id": detail.id, "seq": chosen.seq, "dir": str(dest.resolve()),
+                               "sha256": chosen.sha256, "members": info.members}))
+    else:
+        click.echo(f"checkpoint {chosen.seq} of job {detail.id[:8]} (sha256 verified) extracted "
+                   f"into {dest}/ ({info.members} entries)")
+
+
+@main.command()
+@click.argument("job_ref")
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@url_option
+@json_option
+@click.pass_context
+def purge(ctx: click.Context, job_ref: str, yes: bool, url: str | None, as_json: bool) -> None:
+    """Delete a finished job everywhere: its record, checkpoints, bundle and logs. Irreversible."""
+    with client_of(ctx, url) as client:
+        if not yes:
+            detail = call(lambda: client.get_job(job_ref))
+            what = (f"job {detail.id} ({detail.title or 'untitled'}, {detail.status}, "
+                    f"{len(detail.checkpoint_list)} stored checkpoint(s))")
+            if not sys.stdin.isatty():
+                die(f"refusing to purge {what} without --yes (no terminal to confirm on)")
+            if not click.confirm(f"Delete {what} and every stored object of it? This cannot be "
+                                 "undone", default=False):
+                die("purge aborted; nothing deleted")
+        result = call(lambda: client.purge(job_ref))
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"purged job {result['job_id'][:8]}: {result['objects_deleted']} stored "
+                   "object(s) deleted")
+
+
 if __name__ == "__main__":
     main()

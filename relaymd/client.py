@@ -181,6 +181,10 @@ class Client:
     def requeue(self, ref: str) -> Job:
         return self._post(f"/api/v1/jobs/{ref}/requeue", Job)
 
+    def purge(self, ref: str) -> dict[str, Any]:
+        """Delete a finished job's rows and stored objects: {job_id, objects_deleted, database}."""
+        return dict(self.request("DELETE", f"/api/v1/jobs/{ref}").json())
+
     def workers(self) -> list[Worker]:
         data = self.request("GET", "/api/v1/workers").json()
         return [Worker.model_validate(w) for w in data]

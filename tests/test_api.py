@@ -267,7 +267,7 @@ def test_invalid_bundles_are_refused_at_submit(server: RunningOrchestrator,
 OPERATOR_ROUTES = [("GET", "/api/v1/jobs"), ("POST", "/api/v1/jobs"), ("GET", "/api/v1/workers"),
                    ("GET", "/metrics"), ("GET", "/api/v1/jobs/abc"),
                    ("POST", "/api/v1/jobs/abc/cancel"), ("POST", "/api/v1/jobs/abc/requeue"),
-                   ("PUT", "/api/v1/jobs/" + "a" * 32 + "/bundle")]
+                   ("PUT", "/api/v1/jobs/" + "a" * 32 + "/bundle"), ("DELETE", "/api/v1/jobs/abc")]
 WORKER_ROUTES = [("POST", "/api/v1/jobs/claim"), ("POST", "/api/v1/jobs/" + "a" * 32 + "/fail"),
                  ("POST", "/api/v1/jobs/" + "a" * 32 + "/complete"),
                  ("POST", "/api/v1/jobs/" + "a" * 32 + "/release"),

@@ -222,6 +222,9 @@ class Api:
     async def get_job(self, request: Request, _: Principal | None) -> Response:
         return ok(await self.service.get_job(request.path_params["job_id"]))
 
+    async def purge(self, request: Request, _: Principal | None) -> Response:
+        return JSONResponse(await self.service.purge(request.path_params["job_id"]))
+
     async def cancel(self, request: Request, _: Principal | None) -> Response:
         return ok(await self.service.cancel(request.path_params["job_id"]))
 
@@ -297,6 +300,8 @@ class Api:
             Route(f"{v1}/jobs/claim", e("claim", "worker", self.claim), methods=["POST"]),
             Route(f"{v1}/jobs/{{job_id}}", e("get_job", "operator", self.get_job),
                   methods=["GET"]),
+            Route(f"{v1}/jobs/{{job_id}}", e("purge", "operator", self.purge),
+                  methods=["DELETE"]),
             Route(f"{v1}/jobs/{{job_id}}/bundle", e("upload_bundle", "operator",
                                                      self.upload_bundle), methods=["PUT"]),
             Route(f"{v1}/jobs/{{job_id}}/cancel", e("cancel", "operator", self.cancel),

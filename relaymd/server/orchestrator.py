@@ -222,6 +222,8 @@ class Orchestrator:
                 await asyncio.wait_for(self._task, timeout=10)
         if self.service is not None:
             with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.service.drain(), timeout=30)
+            with contextlib.suppress(Exception):
                 await self.service.flush()
         if self.store.db is not None:
             await self.store.close()

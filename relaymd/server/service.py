@@ -47,6 +47,7 @@ from relaymd.storage import (
     Storage,
     bundle_key,
     checkpoint_key,
+    job_prefix,
     manifest_key,
 )
 from relaymd.storage.bundle import BundleError, inspect_bundle, read_member
@@ -61,6 +62,11 @@ class BadRequest(Exception):
     def __init__(self, message: str, code: str = "bad_request", status: int = 400) -> None:
         super().__init__(message)
         self.code, self.status = code, status
+
+
+class Conflict(BadRequest):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "conflict", 409)
 
 
 class Forbidden(BadRequest):
@@ -104,6 +110,8 @@ class Service:
         self._job_json = JobJsonCache()
         self._pending_bundles: dict[str, BundleUploaded] = {}
         self.listeners: list[Callable[[str], None]] = []  # the console subscribes here
+        self._gc_tasks: dict[str, asyncio.Task[None]] = {}  # job id -> its running prune
+        self._gc_again: set[str] = set()
         self.started_at = clock()
 
     def changed(self, what: str) -> None:
@@ -370,6 +378,7 @@ class Service:
         await self._verify_uploaded(job_id, report)
         row = await self.machine.accept_checkpoint(job_id, worker_id, report)
         self.changed("jobs")
+        self.prune_soon(job_id)
         return job_from_row(row)
 
     async def release(self, worker_id: str, job_id: str, attempt: int, reason: str,
@@ -380,6 +389,8 @@ class Service:
         row = await self.machine.release(job_id, worker_id, attempt, reason, report)
         self._progress.pop(job_id, None)
         self.changed("jobs")
+        if report is not None:
+            self.prune_soon(job_id)
         return job_from_row(row)
 
     async def complete(self, worker_id: str, job_id: str, attempt: int,
@@ -390,6 +401,8 @@ class Service:
         row = await self.machine.complete(job_id, worker_id, attempt, report)
         self._progress.pop(job_id, None)
         self.changed("jobs")
+        if report is not None:
+            self.prune_soon(job_id)
         return job_from_row(row)
 
     async def fail(self, worker_id: str, job_id: str, attempt: int, exit_code: int | None,
@@ -403,6 +416,89 @@ class Service:
         self.changed("jobs")
         self.changed("workers")
         return job_from_row(row)
+
+    # ------------------------------------------------------------------ storage upkeep
+
+    def prune_soon(self, job_id: str) -> None:
+        """Delete the job's checkpoints older than the newest `checkpoint_keep`, in the
+        background (the worker's reply does not wait for storage). One prune per job at a time;
+        a checkpoint accepted meanwhile gets one more pass."""
+        if job_id in self._gc_tasks:
+            self._gc_again.add(job_id)
+            return
+        task = asyncio.get_running_loop().create_task(self._prune(job_id))
+        self._gc_tasks[job_id] = task
+
+    async def _prune(self, job_id: str) -> None:
+        try:
+            while True:
+                self._gc_again.discard(job_id)
+                await self.prune(job_id)
+                if job_id not in self._gc_again:
+                    return
+        except Exception as exc:  # storage down: the next checkpoint tries again
+            log.warning("job %s: old checkpoints not deleted yet: %s", job_id[:8], exc)
+        finally:
+            self._gc_tasks.pop(job_id, None)
+
+    async def prune(self, job_id: str) -> int:
+        """Keep the newest `checkpoint_keep` accepted checkpoints; delete every stored checkpoint
+        object below the oldest kept one (also uploads that were never accepted). Returns the
+        number of objects deleted."""
+        oldest_kept = await self.store.run(self.store.prune_checkpoints, job_id,
+                                           self.settings.checkpoint_keep)
+        if oldest_kept is None:
+            return 0
+        prefix = checkpoint_key(job_id, 0).rpartition("/")[0] + "/"
+        deleted = 0
+        for key in await self._storage(self.storage.list, prefix):
+            seq = key.rpartition("/")[2].partition(".")[0]
+            if seq.isdigit() and int(seq) < oldest_kept:
+                await self._storage(self.storage.delete, key)
+                deleted += 1
+        if deleted:
+            log.info("job %s: deleted %d stored object(s) of checkpoints before %d", job_id[:8],
+                     deleted, oldest_kept)
+        return deleted
+
+    async def drain(self) -> None:
+        """Wait for background prunes (at shutdown)."""
+        while self._gc_tasks:
+            await asyncio.gather(*list(self._gc_tasks.values()), return_exceptions=True)
+
+    async def purge(self, ref: str) -> dict[str, Any]:
+        """Delete a finished job everywhere: its rows, then every stored object under its prefix.
+        A job id no longer in the database still gets its leftover objects deleted."""
+        text = ref.strip().lower()
+        try:
+            job_id = await self.resolve(ref)
+        except NotFound:
+            if len(text) != 32:
+                raise
+            job_id = text  # rows already gone (an earlier purge whose storage part failed)
+            removed = False
+        else:
+            row = await self.store.run(self.store.get_job, job_id)
+            terminal = [str(s) for s in (JobStatus.completed, JobStatus.failed,
+                                         JobStatus.cancelled)]
+            removed = await self.store.run(self.store.purge_job, job_id, terminal)
+            if not removed:
+                raise Conflict(f"job {job_id[:8]} is {row['status'] if row else 'gone'}; only "
+                               "completed, failed or cancelled jobs can be purged (cancel it first)")
+            self._job_json.forget(job_id)
+            self._progress.pop(job_id, None)
+            self.changed("jobs")
+        try:
+            objects = await self._storage(self.storage.delete_prefix, job_prefix(job_id))
+        except Exception as exc:
+            raise BadRequest(
+                f"job {job_id[:8]} is purged from the database but its stored objects under "
+                f"{job_prefix(job_id)} could not all be deleted ({exc}); run the purge again "
+                f"with the full id {job_id}", "storage_unavailable", 503) from None
+        if not removed and objects == 0:
+            raise NotFound(f"no job {job_id} and nothing stored for it")
+        log.info("job %s purged (%d stored objects deleted)", job_id[:8], objects)
+        return {"job_id": job_id, "objects_deleted": objects, "database": removed}
 
     # ------------------------------------------------------------------ maintenance
 

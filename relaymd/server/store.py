@@ -408,6 +408,43 @@ class Store:
         ).fetchall()
         return [dict(r) for r in rows]
 
+    def prune_checkpoints(self, job_id: str, keep: int) -> int | None:
+        """Forget all but the newest `keep` accepted checkpoints of a job; returns the oldest seq
+        kept (everything below it may go from storage), or None when there is nothing to prune."""
+        self._begin()
+        try:
+            row = self.conn.execute(
+                "SELECT seq FROM checkpoints WHERE job_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?",
+                [job_id, keep - 1]).fetchone()
+            if row is None:
+                self.conn.execute("COMMIT")
+                return None
+            self.conn.execute("DELETE FROM checkpoints WHERE job_id = ? AND seq < ?",
+                              [job_id, row[0]])
+            self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+        return int(row[0])
+
+    def purge_job(self, job_id: str, statuses: Sequence[str]) -> bool:
+        """Delete a job with its checkpoints and events, only if it is in one of `statuses`."""
+        self._begin()
+        try:
+            gone = self.conn.execute(
+                f"DELETE FROM jobs WHERE id = ? AND status IN ({', '.join('?' for _ in statuses)})",
+                [job_id, *statuses]).rowcount
+            if gone:
+                self.conn.execute("DELETE FROM checkpoints WHERE job_id = ?", [job_id])
+                self.conn.execute("DELETE FROM events WHERE job_id = ?", [job_id])
+            self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+        return bool(gone)
+
     def get_checkpoint(self, job_id: str, seq: int) -> dict[str, Any] | None:
         row = self.conn.execute(
             "SELECT * FROM checkpoints WHERE job_id = ? AND seq = ?", [job_id, seq]

@@ -50,6 +50,9 @@ class JobJsonCache:
         self._cache: dict[str, tuple[tuple[Any, ...], bytes]] = {}
         self._at = -1  # where the progress column sits in a listing row (fixed by the schema)
 
+    def forget(self, job_id: str) -> None:
+        self._cache.pop(job_id, None)
+
     def render(self, row: sqlite3.Row, progress: dict[str, Any] | None) -> bytes:
         values = tuple(row)
         if self._at < 0:
