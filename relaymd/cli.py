@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import click
 import yaml
 from click_default_group import DefaultGroup
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -27,7 +27,7 @@ from rich.table import Table
 from relaymd import __version__
 from relaymd.client import ApiError, Client, discover_token, discover_url
 from relaymd.config import ConfigError, Settings, load_settings
-from relaymd.models import BundleSpec, Job, JobCreate, JobStatus, Worker
+from relaymd.models import Job, JobCreate, JobStatus, Worker
 
 STATUS_STYLE = {
     "queued": "yellow", "assigned": "cyan", "running": "green", "completed": "bold green",
@@ -211,41 +211,14 @@ def example_openmm(directory: Path, atoms: int | None, ns: float, platform: str)
 def bundle_spec_for(src: Path, command: str | None, checkpoint: tuple[str, ...],
                     gpus: int | None, max_attempts: int | None) -> dict[str, Any]:
     """relaymd.yaml contents: the directory's own file with the command-line flags on top."""
-    path = src / "relaymd.yaml"
-    data: dict[str, Any] = {}
-    if path.exists():
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            die(f"{path}: not valid YAML: {exc}", 2)
-        if not isinstance(loaded, dict):
-            die(f"{path}: expected a mapping", 2)
-        data = loaded
-    elif command is None:
-        die(f"{src} has no relaymd.yaml; pass --command (and --checkpoint) to write one", 2)
-    def section(name: str) -> dict[str, Any]:
-        value = data.get(name)
-        if value is None:
-            value = data[name] = {}
-        if not isinstance(value, dict):
-            die(f"{path}: {name}: must be a mapping to combine it with --{name}", 2)
-        return value
+    from relaymd.submitting import SpecError, build_spec
 
-    if command is not None:
-        data["command"] = command
-    if checkpoint:
-        section("checkpoint")["paths"] = list(checkpoint)
-    if gpus is not None:
-        section("resources")["gpus"] = gpus
-    if max_attempts is not None:
-        data["max_attempts"] = max_attempts
+    if command is None and not (src / "relaymd.yaml").exists():
+        die(f"{src} has no relaymd.yaml; pass --command (and --checkpoint) to write one", 2)
     try:
-        BundleSpec.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        die(f"{path}: {field}: {first['msg']}", 2)
-    return data
+        return build_spec(src, command, list(checkpoint), gpus, max_attempts)
+    except SpecError as exc:
+        die(str(exc), 2)
 
 
 @main.command()
