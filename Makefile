@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup run serve test lint bench clean
+.PHONY: setup system run serve test lint bench clean
 
 setup: $(STAMP)
 
@@ -13,6 +13,13 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[test,md]"
 	touch $(STAMP)
+
+# Debian packages the tests drive: tmux (the console's end-to-end test). Installed when
+# missing and we are root (CI is); otherwise that test says it is skipped and why.
+system:
+	@command -v tmux >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null; }; } || \
+	  echo "note: tmux is not installed; the console's tmux test will be skipped"
 
 run: setup
 	$(BIN)/relaymd --demo
@@ -23,7 +30,7 @@ serve: setup
 lint: setup
 	$(BIN)/ruff check relaymd tests bench
 
-test: setup lint
+test: setup system lint
 	$(BIN)/pytest -q
 
 bench: setup

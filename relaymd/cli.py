@@ -123,12 +123,34 @@ demo_option = click.option(
 @main.command()
 @click.option("--host", help="interface to listen on (default 127.0.0.1)")
 @click.option("--port", type=int, help="port to listen on (default 8765)")
+@click.option("--connect", "connect", metavar="URL",
+              help="watch and drive an orchestrator running elsewhere (RELAYMD_TOKEN)")
 @demo_option
 @click.pass_context
-def console(ctx: click.Context, host: str | None, port: int | None, demo: bool) -> None:
+def console(ctx: click.Context, host: str | None, port: int | None, connect: str | None,
+            demo: bool) -> None:
     """Open the operator console hosting the orchestrator (the default command)."""
-    # The Textual console arrives with its own issue; until then the bare command serves.
-    ctx.invoke(serve, host=host, port=port, demo=demo)
+    from relaymd.server.orchestrator import OrchestratorError, setup_file_logging
+
+    if not sys.stdin.isatty() or not sys.stdout.isatty():
+        die("the console needs a terminal; use `relaymd serve` to run headless", 2)
+    settings = settings_of(ctx, host=host, port=port)
+    try:
+        if connect:
+            from relaymd.tui.run import run_remote
+
+            asyncio.run(run_remote(connect, discover_token(settings)))
+            return
+        from relaymd.tui.run import run_console
+
+        setup_file_logging(settings.log_path)
+        asyncio.run(run_console(settings, demo=demo))
+    except OrchestratorError as exc:
+        die(str(exc))
+    except ApiError as exc:
+        die(f"{connect}: {exc.message}")
+    except KeyboardInterrupt:
+        pass
 
 
 @main.command()

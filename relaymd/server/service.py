@@ -109,15 +109,17 @@ class Service:
         self._progress: dict[str, tuple[str, int, dict[str, Any]]] = {}
         self._job_json = JobJsonCache()
         self._pending_bundles: dict[str, BundleUploaded] = {}
-        self.listeners: list[Callable[[str], None]] = []  # the console subscribes here
+        # The console subscribes here: called with ("jobs", job_id) or ("workers", worker_id)
+        # after each committed change, the id None when many rows may have changed.
+        self.listeners: list[Callable[[str, str | None], None]] = []
         self._gc_tasks: dict[str, asyncio.Task[None]] = {}  # job id -> its running prune
         self._gc_again: set[str] = set()
         self.started_at = clock()
 
-    def changed(self, what: str) -> None:
+    def changed(self, what: str, key: str | None = None) -> None:
         for listener in self.listeners:
             try:
-                listener(what)
+                listener(what, key)
             except Exception:  # a broken listener must never break the API
                 log.exception("change listener failed")
 
@@ -197,7 +199,7 @@ class Service:
                  "reason": "submitted", "at": now, "attempt": 0}
         created = await self.store.run(self.store.insert_job, row, event)
         self._pending_bundles.pop(req.id, None)
-        self.changed("jobs")
+        self.changed("jobs", req.id)
         return job_from_row(created)
 
     async def list_jobs_json(self, statuses: Sequence[str] | None, limit: int,
@@ -233,12 +235,14 @@ class Service:
 
     async def cancel(self, ref: str) -> Job:
         row = await self.machine.cancel(await self.resolve(ref))
-        self.changed("jobs")
+        self.changed("jobs", row["id"])
+        self.changed("workers", row["worker_id"])
         return job_from_row(row)
 
     async def requeue(self, ref: str) -> Job:
         row = await self.machine.requeue(await self.resolve(ref))
-        self.changed("jobs")
+        self.changed("jobs", row["id"])
+        self.changed("workers")  # its worker, if any, was freed
         return job_from_row(row)
 
     async def list_workers(self, statuses: Sequence[str] | None = None) -> list[Worker]:
@@ -269,7 +273,7 @@ class Service:
             "reason": f"{req.cluster}/{req.provider} {req.hostname}".strip(), "at": now})
         self.auth.add_session(row["token_hash"], worker_id)
         self.last_seen[worker_id] = now
-        self.changed("workers")
+        self.changed("workers", worker_id)
         return WorkerRegistered(worker_id=worker_id, token=token,
                                 heartbeat_interval=self.settings.heartbeat_interval,
                                 heartbeat_timeout=self.settings.heartbeat_timeout)
@@ -287,7 +291,7 @@ class Service:
                                   reason="worker quarantined after repeated job failures")
         if status == WorkerStatus.stale:
             await self.machine.change_worker(worker_id, "revive", "heartbeat after silence")
-            self.changed("workers")
+            self.changed("workers", worker_id)
         if job_id is None:
             return HeartbeatReply()
         if job is None:
@@ -297,7 +301,7 @@ class Service:
             return HeartbeatReply(directive="stop", reason="job cancelled by operator")
         if holds and job["status"] == JobStatus.assigned:
             await self.machine.start(job_id, worker_id, attempt)
-            self.changed("jobs")
+            self.changed("jobs", job_id)
         elif not (holds and job["status"] == JobStatus.running):
             await self._check_holder(worker_id, job_id)
             raise TransitionConflict(
@@ -321,14 +325,14 @@ class Service:
                                              token_hash=None)
         self.auth.drop_worker(worker_id)
         self.last_seen.pop(worker_id, None)
-        self.changed("workers")
+        self.changed("workers", worker_id)
 
     async def claim(self, worker_id: str, gpus: int | None = None) -> Assignment | None:
         worker = await self.store.run(self.store.get_worker, worker_id)
         self.last_seen[worker_id] = self.clock()  # a claim is a sign of life too
         if worker is not None and worker["status"] == WorkerStatus.stale:
             worker = await self.machine.change_worker(worker_id, "revive", "claimed after silence")
-            self.changed("workers")
+            self.changed("workers", worker_id)
         if worker is None or worker["status"] != WorkerStatus.idle:
             state = worker["status"] if worker else "unknown"
             raise BadRequest(f"worker {worker_id[:8]} is {state}; only an idle worker may claim "
@@ -337,7 +341,8 @@ class Service:
         row = await self.machine.claim(worker_id, capacity)
         if row is None:
             return None
-        self.changed("jobs")
+        self.changed("jobs", row["id"])
+        self.changed("workers", worker_id)
         seq = row["latest_checkpoint"]
         cp = await self.store.run(self.store.get_checkpoint, row["id"], seq) if seq else None
         return Assignment(job=job_from_row(row), attempt=row["attempt"],
@@ -377,7 +382,7 @@ class Service:
         await self._check_holder(worker_id, job_id)
         await self._verify_uploaded(job_id, report)
         row = await self.machine.accept_checkpoint(job_id, worker_id, report)
-        self.changed("jobs")
+        self.changed("jobs", job_id)
         self.prune_soon(job_id)
         return job_from_row(row)
 
@@ -388,7 +393,8 @@ class Service:
             await self._verify_uploaded(job_id, report)
         row = await self.machine.release(job_id, worker_id, attempt, reason, report)
         self._progress.pop(job_id, None)
-        self.changed("jobs")
+        self.changed("jobs", job_id)
+        self.changed("workers", worker_id)
         if report is not None:
             self.prune_soon(job_id)
         return job_from_row(row)
@@ -400,7 +406,8 @@ class Service:
             await self._verify_uploaded(job_id, report)
         row = await self.machine.complete(job_id, worker_id, attempt, report)
         self._progress.pop(job_id, None)
-        self.changed("jobs")
+        self.changed("jobs", job_id)
+        self.changed("workers", worker_id)
         if report is not None:
             self.prune_soon(job_id)
         return job_from_row(row)
@@ -413,8 +420,8 @@ class Service:
         if row["status"] == JobStatus.failed:
             log.warning("job %s failed for good after %s failures: %s", job_id[:8],
                         row["failures"], reason)
-        self.changed("jobs")
-        self.changed("workers")
+        self.changed("jobs", job_id)
+        self.changed("workers", worker_id)  # maybe quarantined now
         return job_from_row(row)
 
     # ------------------------------------------------------------------ storage upkeep
@@ -487,7 +494,7 @@ class Service:
                                "completed, failed or cancelled jobs can be purged (cancel it first)")
             self._job_json.forget(job_id)
             self._progress.pop(job_id, None)
-            self.changed("jobs")
+            self.changed("jobs", job_id)
         try:
             objects = await self._storage(self.storage.delete_prefix, job_prefix(job_id))
         except Exception as exc:
@@ -534,7 +541,7 @@ class Service:
             except Exception:
                 continue
             log.warning("worker %s is stale (no heartbeat for %.0fs)", w["id"][:8], silent)
-            self.changed("workers")
+            self.changed("workers", w["id"])
         for job in await self.store.run(self.store.orphaned_jobs):
             await self._lose(job, "its worker stopped heartbeating or is gone")
             requeued += 1

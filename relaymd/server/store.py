@@ -265,6 +265,18 @@ class Store:
         rows = rows[:limit]
         return rows, (rows[-1]["_rowid"] if more and rows else None)
 
+    def jobs_by_ids(self, job_ids: Sequence[str]) -> list[sqlite3.Row]:
+        """These jobs' rows (absent ids are skipped), on the read-only connection: the console
+        patches the rows a change touched instead of re-reading the whole table."""
+        out: list[sqlite3.Row] = []
+        ids = list(job_ids)
+        for i in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+            chunk = ids[i:i + 500]
+            out.extend(self.reader.execute(
+                f"SELECT rowid AS _rowid, * FROM jobs WHERE id IN ({', '.join('?' * len(chunk))})"
+                " ORDER BY rowid", chunk).fetchall())
+        return out
+
     def count_jobs_by_status(self) -> dict[str, int]:
         rows = self.conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
         return {r[0]: r[1] for r in rows}
