@@ -25,6 +25,7 @@ from textual.geometry import Size
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, RichLog, Static
+from textual.widgets.data_table import ColumnKey, RowKey
 
 from relaymd.tui.screens import ConfirmScreen, HelpScreen, SubmitScreen
 from relaymd.tui.source import JobRow, Source, WorkerRow, progress_of
@@ -116,6 +117,17 @@ class FixedTable(DataTable[Any]):
         width = sum(c.get_render_width(self) for c in self.columns.values())
         header = self.header_height if self.show_header else 0
         self.virtual_size = Size(width, self._total_row_height + header)
+
+
+    def set_cells(self, updates: list[tuple[str, str, Any]]) -> None:
+        """`update_cell` for many cells with one repaint (it repaints per cell: 1,000 changed
+        jobs spent most of their patch there). Only for existing rows and fixed widths."""
+        data = self._data
+        for row, column, value in updates:
+            data[RowKey(row)][ColumnKey(column)] = value
+        if updates:
+            self._update_count += len(updates)
+            self.refresh()
 
 
 class JobsTable(FixedTable):
@@ -221,20 +233,26 @@ class RelayApp(App[None]):
             self.refresh_jobs()
             return
         rows = self._job_rows
+        moved: list[str] = []
         for job_id, p in live.items():
             row = rows.get(job_id)
             if row is not None:
                 done, text = progress_of(p)
                 if (done, text) != (row.done, row.progress):
                     rows[job_id] = replace(row, done=done, progress=text)
+                    moved.append(job_id)
         now = self.clock()
         if now - self._last_sweep >= 60:
             self._last_sweep = now
-            self.redraw_jobs()  # every age on the screen
-        else:  # only young ages show seconds or minutes; the rest wait for the sweep
-            self.redraw_jobs([k for k, r in rows.items() if r.status in LIVE or now - max(
-                r.created_at, r.last_checkpoint_at or 0) < 3600])
+            self.redraw_jobs()  # every age, on screen or not
+        else:  # what moved, and the ages an operator can see right now
+            self.redraw_jobs(moved + self.visible_jobs())
         self.update_header()
+
+    def visible_jobs(self) -> list[str]:
+        table = self.query_one("#jobs", DataTable)
+        first = int(table.scroll_y)
+        return [str(r.key.value) for r in table.ordered_rows[first:first + table.size.height]]
 
     def on_changed(self, message: Changed) -> None:
         if message.what == "workers":
@@ -290,6 +308,14 @@ class RelayApp(App[None]):
         out[3] = bar(*cells[3])
         return out
 
+    @staticmethod
+    def render_cell(index: int, value: Any) -> Any:
+        if index == 2:
+            return styled(value)
+        if index == 3:
+            return bar(*value)
+        return value
+
     def matches(self, r: JobRow) -> bool:
         f = self.filter_text.lower()
         return not f or r.id.startswith(f) or f in r.title.lower() or r.status == f
@@ -317,11 +343,12 @@ class RelayApp(App[None]):
         """Make the table show `_job_rows` (filtered) for `keys` (default: every job): remove
         rows, update only the cells that differ, append new rows."""
         now = self.clock()
-        table = self.query_one("#jobs", DataTable)
+        table = self.query_one("#jobs", JobsTable)
         rows = self._job_rows
         if keys is None:
             keys = list(rows) + [k for k in self._job_cells if k not in rows]
         columns = [c[0] for c in JOB_COLUMNS]
+        updates: list[tuple[str, str, Any]] = []
         for key in keys:
             r = rows.get(key)
             cells = self.job_cells(r, now) if r is not None and self.matches(r) else None
@@ -334,11 +361,11 @@ class RelayApp(App[None]):
                 table.add_row(*self.render_job(cells), key=key)
                 self._job_cells[key] = cells
             elif old != cells:
-                rendered = self.render_job(cells)
                 for i, (a, b) in enumerate(zip(old, cells, strict=True)):
                     if a != b:
-                        table.update_cell(key, columns[i], rendered[i])
+                        updates.append((key, columns[i], self.render_cell(i, b)))
                 self._job_cells[key] = cells
+        table.set_cells(updates)
 
     def apply_workers(self, rows: list[WorkerRow]) -> None:
         now = self.clock()
