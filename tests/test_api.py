@@ -339,3 +339,26 @@ def test_metrics_and_health(server: RunningOrchestrator, tmp_path: Path) -> None
     assert 'relaymd_http_requests_total{route="create_job",status="201"} 1' in r.text
     assert "relaymd_http_request_duration_seconds_bucket" in r.text
     assert raw(server, "GET", "/healthz").json()["status"] == "ok"
+
+
+def test_a_checkpoint_reports_progress_newer_than_the_last_heartbeat(
+        server: RunningOrchestrator, tmp_path: Path) -> None:
+    """A listing between heartbeats shows the progress of the newest accepted checkpoint, not
+    the older figure of the heartbeat before it."""
+    from relaymd.models import Progress
+
+    op = server.operator()
+    job_id = submit(op, tmp_path)
+    w, wid = server.worker()
+    assert w.claim() is not None
+    w.heartbeat(wid, job_id, 1, Progress(done=1, total=10, unit="ns"))
+    r = w.reserve_checkpoint(job_id, 1)
+    data = b"ckpt"
+    open_storage(server.settings.storage).put_bytes(r.key, data)
+    w.report_checkpoint(job_id, CheckpointReport(
+        attempt=1, seq=r.seq, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+        progress=Progress(done=4, total=10, unit="ns")))
+    progress = op.get_job(job_id).progress
+    assert progress is not None and progress.done == 4, progress
+    (listed,) = op.all_jobs()
+    assert listed.progress is not None and listed.progress.done == 4, listed.progress

@@ -382,6 +382,9 @@ class Service:
         await self._check_holder(worker_id, job_id)
         await self._verify_uploaded(job_id, report)
         row = await self.machine.accept_checkpoint(job_id, worker_id, report)
+        if report.progress is not None:  # newer than the last heartbeat's, until the next one
+            self._progress[job_id] = (worker_id, report.attempt,
+                                      report.progress.model_dump(exclude_none=True))
         self.changed("jobs", job_id)
         self.prune_soon(job_id)
         return job_from_row(row)

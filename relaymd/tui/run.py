@@ -25,6 +25,7 @@ async def run_console(settings: Settings, demo: bool = False) -> None:
     handler = PanelHandler(app)
     root = logging.getLogger()
     root.addHandler(handler)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, app.exit)
