@@ -3,7 +3,12 @@ is on sys.path): children that die with the benchmark, and SIGTERM that unwinds 
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+from pathlib import Path
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def die_with_parent() -> None:
@@ -19,3 +24,26 @@ def die_with_parent() -> None:
 def terminated(signum: int, frame: object) -> None:
     """Signal handler: unwind, so every process is ended and the temporary home removed."""
     raise SystemExit(128 + signum)
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine since boot, from /proc/stat."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (f + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq) / CLK_TCK, steal / CLK_TCK
+
+
+def own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def stop_gently(proc: subprocess.Popen[str] | subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM a child and wait for it (SIGKILL after 30 s)."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from _procs import die_with_parent, terminated
+from _procs import die_with_parent, stop_gently, terminated
 
 KEEPALIVE_IDLE = 4.0  # uvicorn closes idle keep-alive connections after 5 s
 NEXT_CURSOR = re.compile(rb'"next_cursor":"([0-9]+)"}$')
@@ -341,13 +341,7 @@ class ServerProcess:
         return text
 
     def stop(self, keep_home: bool = False) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_gently(self.proc)
         if not keep_home:
             shutil.rmtree(self.home, ignore_errors=True)
 

@@ -58,7 +58,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _procs import die_with_parent, terminated  # noqa: E402
+from _procs import die_with_parent, machine_cpu, own_cpu, terminated  # noqa: E402
 
 from relaymd.client import Client  # noqa: E402
 from relaymd.models import JobCreate  # noqa: E402
@@ -103,18 +103,6 @@ def proc_stat(pid: int) -> Stat | None:
     f = raw[raw.rindex(")") + 2:].split()  # f[0] is field 3 (state) of proc(5)
     return Stat(f[0], (int(f[11]) + int(f[12])) / CLK_TCK, (int(f[13]) + int(f[14])) / CLK_TCK,
                 int(f[19]) / CLK_TCK)
-
-
-def machine_cpu() -> tuple[float, float]:
-    """(busy, steal) CPU seconds of the whole machine since boot, from /proc/stat."""
-    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (f + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq) / CLK_TCK, steal / CLK_TCK
-
-
-def own_cpu() -> float:
-    t = os.times()
-    return t.user + t.system
 
 
 class Load:

@@ -65,7 +65,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: weed and moto_server are installed there
 
-from _procs import die_with_parent, terminated  # noqa: E402
+from _procs import die_with_parent, machine_cpu, own_cpu, stop_gently, terminated  # noqa: E402
 
 MiB = 1 << 20
 BUCKET = "relaymd-bench"
@@ -204,18 +204,6 @@ def proc_cpu(pid: int) -> float:
     return (int(f[11]) + int(f[12])) / CLK_TCK
 
 
-def machine_cpu() -> tuple[float, float]:
-    """(busy, steal) CPU seconds of the whole machine since boot, from /proc/stat."""
-    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (f + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq) / CLK_TCK, steal / CLK_TCK
-
-
-def own_cpu() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -345,13 +333,7 @@ class Server:
             return 0.0
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_gently(self.proc)
         self.proc = None
 
 
