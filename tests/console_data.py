@@ -125,5 +125,5 @@ class FixedSource:
         for listener in self.listeners:
             listener("jobs", row.id)
 
-    def local_jobs_running(self) -> int:
+    def local_workers_alive(self) -> int:
         return 0

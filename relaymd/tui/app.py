@@ -34,7 +34,6 @@ STATUS_STYLE = {"queued": "yellow", "assigned": "cyan", "running": "bold green",
                 "completed": "blue", "failed": "bold red", "cancelled": "dim",
                 "idle": "green", "busy": "bold green", "stale": "yellow", "quarantined": "red",
                 "provisioning": "cyan", "gone": "dim"}
-LIVE = ("queued", "assigned", "running")
 # The order puts what an operator scans for first, so an 80-column terminal shows it all
 # before the table scrolls sideways.
 JOB_COLUMNS = (("id", "ID", 8), ("title", "TITLE", 16), ("status", "STATE", 9),
@@ -119,14 +118,32 @@ class FixedTable(DataTable[Any]):
         self.virtual_size = Size(width, self._total_row_height + header)
 
 
-    def set_cells(self, updates: list[tuple[str, str, Any]]) -> None:
-        """`update_cell` for many cells with one repaint (it repaints per cell: 1,000 changed
-        jobs spent most of their patch there). Only for existing rows and fixed widths."""
+    def patch(self, shown: dict[str, tuple[Any, ...]], rows: Iterable[tuple[str, Any]],
+              columns: list[str], render: Callable[[int, Any], Any]) -> None:
+        """Make the table show `rows` ((key, cells), cells None: remove the row), given `shown`
+        (what it shows now, by key; kept up to date): rows are removed and appended, and of a
+        changed row only the cells that differ are set, all with one repaint (`update_cell`
+        repaints per cell: 1,000 changed jobs spent most of their patch there)."""
         data = self._data
-        for row, column, value in updates:
-            data[RowKey(row)][ColumnKey(column)] = value
-        if updates:
-            self._update_count += len(updates)
+        updated = 0
+        for key, cells in rows:
+            old = shown.get(key)
+            if cells is None:
+                if old is not None:
+                    self.remove_row(key)
+                    del shown[key]
+            elif old is None:
+                self.add_row(*(render(i, v) for i, v in enumerate(cells)), key=key)
+                shown[key] = cells
+            elif old != cells:
+                row = data[RowKey(key)]
+                for i, (a, b) in enumerate(zip(old, cells, strict=True)):
+                    if a != b:
+                        row[ColumnKey(columns[i])] = render(i, b)
+                        updated += 1
+                shown[key] = cells
+        if updated:
+            self._update_count += updated
             self.refresh()
 
 
@@ -302,19 +319,16 @@ class RelayApp(App[None]):
                 self._clusters.get(r.worker) or "-", ago(r.created_at, now))
 
     @staticmethod
-    def render_job(cells: tuple[Any, ...]) -> list[Any]:
-        out = list(cells)
-        out[2] = styled(cells[2])
-        out[3] = bar(*cells[3])
-        return out
-
-    @staticmethod
-    def render_cell(index: int, value: Any) -> Any:
+    def render_job_cell(index: int, value: Any) -> Any:
         if index == 2:
             return styled(value)
         if index == 3:
             return bar(*value)
         return value
+
+    @staticmethod
+    def render_worker_cell(index: int, value: Any) -> Any:
+        return styled(value) if index == 1 else value
 
     def matches(self, r: JobRow) -> bool:
         f = self.filter_text.lower()
@@ -343,33 +357,19 @@ class RelayApp(App[None]):
         """Make the table show `_job_rows` (filtered) for `keys` (default: every job): remove
         rows, update only the cells that differ, append new rows."""
         now = self.clock()
-        table = self.query_one("#jobs", JobsTable)
         rows = self._job_rows
         if keys is None:
             keys = list(rows) + [k for k in self._job_cells if k not in rows]
-        columns = [c[0] for c in JOB_COLUMNS]
-        updates: list[tuple[str, str, Any]] = []
-        for key in keys:
+
+        def wanted(key: str) -> tuple[Any, ...] | None:
             r = rows.get(key)
-            cells = self.job_cells(r, now) if r is not None and self.matches(r) else None
-            old = self._job_cells.get(key)
-            if cells is None:
-                if old is not None:
-                    table.remove_row(key)
-                    del self._job_cells[key]
-            elif old is None:
-                table.add_row(*self.render_job(cells), key=key)
-                self._job_cells[key] = cells
-            elif old != cells:
-                for i, (a, b) in enumerate(zip(old, cells, strict=True)):
-                    if a != b:
-                        updates.append((key, columns[i], self.render_cell(i, b)))
-                self._job_cells[key] = cells
-        table.set_cells(updates)
+            return self.job_cells(r, now) if r is not None and self.matches(r) else None
+        self.query_one("#jobs", FixedTable).patch(
+            self._job_cells, ((k, wanted(k)) for k in keys), [c[0] for c in JOB_COLUMNS],
+            self.render_job_cell)
 
     def apply_workers(self, rows: list[WorkerRow]) -> None:
         now = self.clock()
-        table = self.query_one("#workers", DataTable)
         self._worker_list = rows
         self.workers_seen = True
         clusters = {w.id: w.cluster for w in rows}
@@ -385,20 +385,10 @@ class RelayApp(App[None]):
                 ago(now, w.wall_time_end) if w.wall_time_end > now else "ended")
             wanted[w.id] = (w.id[:8], w.status, f"{w.platform}/{w.cluster}", w.gpu,
                             w.job[:8] or "-", ago(w.last_heartbeat_at, now), left)
-        for key in [k for k in self._worker_cells if k not in wanted]:
-            table.remove_row(key)
-            del self._worker_cells[key]
-        columns = [c[0] for c in WORKER_COLUMNS]
-        for key, cells in wanted.items():
-            old = self._worker_cells.get(key)
-            rendered = [cells[0], styled(cells[1]), *cells[2:]]
-            if old is None:
-                table.add_row(*rendered, key=key)
-            elif old != cells:
-                for i, (a, b) in enumerate(zip(old, cells, strict=True)):
-                    if a != b:
-                        table.update_cell(key, columns[i], rendered[i])
-            self._worker_cells[key] = cells
+        gone = [(k, None) for k in self._worker_cells if k not in wanted]
+        self.query_one("#workers", FixedTable).patch(
+            self._worker_cells, [*gone, *wanted.items()], [c[0] for c in WORKER_COLUMNS],
+            self.render_worker_cell)
         self.update_header()
 
     def update_header(self) -> None:
@@ -566,7 +556,7 @@ class RelayApp(App[None]):
         # Local worker processes alive (ours to stop) that hold a job: a worker whose job just
         # completed is still alive for a moment, and quitting costs it nothing.
         running = 0
-        if self.source.local_jobs_running():
+        if self.source.local_workers_alive():
             running = sum(1 for w in self._worker_list
                           if w.status == "busy" and w.platform == "local")
         if not running:

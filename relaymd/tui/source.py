@@ -88,7 +88,8 @@ class Source(Protocol):
 
     def subscribe(self, callback: Callable[[str, str | None], None]) -> None: ...
 
-    def local_jobs_running(self) -> int: ...
+    def local_workers_alive(self) -> int:
+        """Worker processes this console's own orchestrator started that are still alive."""
 
 
 class ServiceSource:
@@ -147,7 +148,7 @@ class ServiceSource:
     def subscribe(self, callback: Callable[[str, str | None], None]) -> None:
         self.service.listeners.append(callback)
 
-    def local_jobs_running(self) -> int:
+    def local_workers_alive(self) -> int:
         provider = getattr(self.orch, "provider", None)
         if provider is None:
             return 0
@@ -198,7 +199,7 @@ class HttpSource:
     def subscribe(self, callback: Callable[[str, str | None], None]) -> None:
         pass  # polled
 
-    def local_jobs_running(self) -> int:
+    def local_workers_alive(self) -> int:
         return 0
 
 
