@@ -6,10 +6,12 @@ $RELAYMD_HOME), a SQLite file, `file://` storage, API on 127.0.0.1:8765.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -17,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    StringConstraints,
     ValidationError,
     field_validator,
     model_validator,
@@ -48,6 +51,106 @@ def default_config_path(environ: Mapping[str, str] | None = None) -> Path:
         return Path(env).expanduser()
     xdg = environ.get("XDG_CONFIG_HOME")
     return (Path(xdg) if xdg else Path.home() / ".config") / "relaymd" / "config.yaml"
+
+
+ClusterName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+# HPC before Salad by default: a higher priority is provisioned (and claims work) first.
+DEFAULT_CLUSTER_PRIORITY = {"slurm": 20, "local": 10, "salad": 0}
+
+
+class SlurmSettings(BaseModel):
+    """How the `slurm` provider submits one worker allocation (`sbatch`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "04:00:00"  # --time of each allocation
+    gpus: int = Field(default=1, ge=0, le=64)  # --gpus of each allocation (0: none)
+    cpus: int = Field(default=4, ge=1, le=1024)  # --cpus-per-task
+    mem: str | None = None  # --mem, e.g. "32G"
+    signal_margin: int = Field(default=300, ge=10, le=7200)  # --signal=B:TERM@margin (seconds)
+    extra_sbatch: list[str] = Field(default_factory=list)  # more "#SBATCH ..." options, verbatim
+    image: str | None = None  # Apptainer .sif path or URI; None: run `worker_command` directly
+    apptainer: str = "apptainer"
+    worker_command: str | None = None  # default: `relaymd worker` (inside the image if any)
+    template: Path | None = None  # default: the packaged deploy/slurm/job.sbatch
+    ssh: str | None = None  # login node to run sbatch/squeue on (`ssh HOST sbatch ...`)
+    orchestrator_url: str | None = None  # how compute nodes reach the API (default: ours)
+    output: str | None = None  # --output; default {home}/slurm/{cluster}/%j.out ("relaymd-%j.out" over ssh)
+    env: dict[str, str] = Field(default_factory=dict)  # more variables for the worker
+    min_segment: float = Field(default=600.0, ge=0)  # the worker claims only with this much left
+    command_timeout: float = Field(default=30.0, gt=0)  # per sbatch/squeue/scontrol call
+    register_timeout: float = Field(default=900.0, gt=0)  # RUNNING but never registered: cancel
+
+    @field_validator("time")
+    @classmethod
+    def _slurm_time(cls, value: str) -> str:
+        if not re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){0,2}", value.strip()):
+            raise ValueError(f"{value!r} is not a SLURM time (MM, HH:MM:SS or D-HH:MM:SS)")
+        return value.strip()
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _one_line_each(cls, lines: list[str]) -> list[str]:
+        for line in lines:
+            if "\n" in line or "\r" in line:
+                raise ValueError(f"extra_sbatch entry {line!r} spans lines; give one option each")
+        return lines
+
+
+class SaladSettings(BaseModel):
+    """Which Salad Cloud container group the `salad` provider scales, through Salad's API."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    organization: str = Field(min_length=1)
+    project: str = Field(min_length=1)
+    container_group: str = Field(min_length=1)
+    api_key: SecretStr | None = None  # default: RELAYMD_SALAD_API_KEY (from secrets)
+    base_url: str = "https://api.salad.com/api/public"
+    gpus: int = Field(default=1, ge=0, le=64)  # GPUs of each replica
+    idle_grace: float = Field(default=300.0, ge=0)  # no work this long: scale to zero
+    request_timeout: float = Field(default=20.0, gt=0)
+
+
+class ClusterConfig(BaseModel):
+    """One place workers come from, and when to ask it for more."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: ClusterName
+    provider: Literal["slurm", "salad", "local"]
+    strategy: Literal["reactive", "continuous", "jit_threshold"] = "reactive"
+    target_workers: int = Field(default=1, ge=0, le=10000)  # continuous: keep this many alive
+    threshold: int = Field(default=0, ge=0)  # jit_threshold: submit when more jobs wait than this
+    max_pending: int = Field(default=1, ge=0, le=1000)  # requests not yet registered
+    max_workers: int = Field(default=4, ge=0, le=10000)  # registered + pending
+    priority: int | None = None  # default: slurm 20, local 10, salad 0 (higher goes first)
+    enabled: bool = True
+    slurm: SlurmSettings | None = None
+    salad: SaladSettings | None = None
+
+    @model_validator(mode="after")
+    def _provider_settings(self) -> ClusterConfig:
+        if self.provider == "slurm" and self.slurm is None:
+            self.slurm = SlurmSettings()
+        if self.provider == "salad" and self.salad is None:
+            raise ValueError(f"cluster {self.name}: provider salad needs a `salad:` section "
+                             "(organization, project, container_group)")
+        if self.priority is None:
+            self.priority = DEFAULT_CLUSTER_PRIORITY[self.provider]
+        return self
+
+    @property
+    def gpus(self) -> int:
+        """GPUs of one worker from this cluster (0 for local workers)."""
+        if self.slurm is not None:
+            return self.slurm.gpus
+        if self.salad is not None:
+            return self.salad.gpus
+        return 0
 
 
 class Settings(BaseModel):
@@ -89,6 +192,9 @@ class Settings(BaseModel):
     # The local provider: up to this many `relaymd worker` processes on this machine (0: none).
     local_workers: int = Field(default=1, ge=0, le=256)
     provision_interval: float = Field(default=2.0, gt=0)  # seconds between provider cycles
+    # Where else workers come from (SLURM clusters, Salad container groups), HPC first.
+    clusters: list[ClusterConfig] = Field(default_factory=list)
+    salad_api_key: SecretStr | None = None  # for salad clusters without their own api_key
 
     # Worker side (`relaymd worker`; containers set these as RELAYMD_* variables).
     worker_idle: Literal["immediate_exit", "poll_then_exit"] = "immediate_exit"
@@ -101,6 +207,16 @@ class Settings(BaseModel):
     min_segment: float = Field(default=600.0, ge=0)  # don't claim with less allocation left
     shutdown_wait: float = Field(default=90.0, gt=0)  # engine's time to write a last checkpoint
     retry_max_delay: float = Field(default=30.0, gt=0)  # cap of the backoff between retries
+
+    @field_validator("clusters")
+    @classmethod
+    def _unique_names(cls, clusters: list[ClusterConfig]) -> list[ClusterConfig]:
+        seen: set[str] = set()
+        for c in clusters:
+            if c.name in seen:
+                raise ValueError(f"two clusters are named {c.name!r}; names must be unique")
+            seen.add(c.name)
+        return clusters
 
     @field_validator("home", "database", "tokens_file", "log_file", "worker_workdir")
     @classmethod
@@ -177,6 +293,13 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     for name in Settings.model_fields:
         value = environ.get(ENV_PREFIX + name.upper())
         if value is not None and value != "":
+            if name == "clusters":  # a list: JSON in the environment
+                try:
+                    out[name] = json.loads(value)
+                except ValueError as exc:
+                    raise ConfigError(f"environment ({ENV_PREFIX}CLUSTERS): not valid JSON: "
+                                      f"{exc}") from None
+                continue
             out[name] = value
     return out
 

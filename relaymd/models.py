@@ -100,6 +100,16 @@ class JobCreate(Strict):
     max_attempts: int | None = Field(default=None, ge=1, le=1000)
     gpus: int | None = Field(default=None, ge=0, le=64)
     priority: int = Field(default=0, ge=-1000, le=1000)
+    # Run only on workers of these clusters (empty: anywhere).
+    preferred_clusters: list[str] | None = Field(default=None, max_length=50)
+
+    @field_validator("preferred_clusters")
+    @classmethod
+    def _cluster_names(cls, names: list[str] | None) -> list[str] | None:
+        for name in names or []:
+            if not name or len(name) > 100:
+                raise ValueError(f"cluster name {name!r} must be 1 to 100 characters")
+        return names or None
 
 
 class BundleUploaded(BaseModel):
@@ -164,6 +174,8 @@ class Job(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     last_checkpoint_at: datetime | None
+    preferred_clusters: list[str] | None = None
+    queue_blocked_reason: str | None = None  # a queued job that cannot run anywhere now: why
 
 
 class JobDetail(Job):
@@ -235,6 +247,7 @@ class Worker(BaseModel):
     registered_at: datetime
     last_heartbeat_at: datetime | None
     wall_time_end: datetime | None
+    note: str | None = None  # a placeholder's provider state, e.g. "PENDING (Priority)"
 
 
 class Heartbeat(Strict):

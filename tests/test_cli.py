@@ -27,7 +27,7 @@ JOB_KEYS = {
     "id", "title", "status", "command", "spec", "gpus", "priority", "max_attempts", "attempt",
     "failures", "worker_id", "bundle_sha256", "bundle_size", "latest_checkpoint", "checkpoints",
     "progress", "last_failure", "created_at", "updated_at", "started_at", "finished_at",
-    "last_checkpoint_at",
+    "last_checkpoint_at", "preferred_clusters", "queue_blocked_reason",
 }
 PROGRESS_KEYS = {"done", "total", "unit", "ns_per_day"}
 FAILURE_KEYS = {"attempt", "exit_code", "reason", "log_tail", "at"}
@@ -37,7 +37,7 @@ EVENT_KEYS = {"id", "job_id", "worker_id", "kind", "from_status", "to_status", "
 WORKER_KEYS = {
     "id", "name", "hostname", "cluster", "provider", "provider_id", "platform", "gpus",
     "gpu_model", "vram_gb", "status", "job_id", "consecutive_failures", "registered_at",
-    "last_heartbeat_at", "wall_time_end",
+    "last_heartbeat_at", "wall_time_end", "note",
 }
 
 

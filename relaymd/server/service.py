@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from relaymd.config import Settings
+from relaymd.config import DEFAULT_CLUSTER_PRIORITY, Settings
 from relaymd.models import (
     LEASED_JOB_STATES,
     Assignment,
@@ -192,6 +192,7 @@ class Service:
             "gpus": req.gpus if req.gpus is not None else spec.resources.gpus,
             "priority": req.priority,
             "max_attempts": req.max_attempts or spec.max_attempts,
+            "preferred_clusters": dumps(req.preferred_clusters) if req.preferred_clusters else None,
             "bundle_sha256": bundle.sha256, "bundle_size": bundle.size,
             "created_at": now, "updated_at": now,
         }
@@ -268,9 +269,10 @@ class Service:
             "token_hash": hash_token(token), "registered_at": now, "last_heartbeat_at": now,
             "wall_time_end": req.wall_time_end.timestamp() if req.wall_time_end else None,
         }
-        await self.store.run(self.store.insert_worker, row, {
-            "kind": "worker_register", "worker_id": worker_id, "to_status": "idle",
+        stored = await self.store.run(self.store.register_worker, row, {
+            "kind": "worker_register", "to_status": "idle",
             "reason": f"{req.cluster}/{req.provider} {req.hostname}".strip(), "at": now})
+        worker_id = stored["id"]  # its placeholder's id when it had one
         self.auth.add_session(row["token_hash"], worker_id)
         self.last_seen[worker_id] = now
         self.changed("workers", worker_id)
@@ -338,7 +340,8 @@ class Service:
             raise BadRequest(f"worker {worker_id[:8]} is {state}; only an idle worker may claim "
                              "(finish, release or fail its job first)", "worker_not_idle", 409)
         capacity = worker["gpus"] if gpus is None else min(gpus, worker["gpus"])
-        row = await self.machine.claim(worker_id, capacity)
+        row = await self.machine.claim(worker_id, capacity, worker["cluster"] or "",
+                                       self._better_idle(worker))
         if row is None:
             return None
         self.changed("jobs", row["id"])
@@ -349,6 +352,32 @@ class Service:
                           bundle_key=bundle_key(row["id"]),
                           checkpoint_key=cp["key"] if cp else None,
                           checkpoint_sha256=cp["sha256"] if cp else None)
+
+    def cluster_priority(self, cluster: str, provider: str) -> int:
+        for c in self.settings.clusters:
+            if c.name == cluster:
+                return c.priority or 0
+        return DEFAULT_CLUSTER_PRIORITY.get(provider, DEFAULT_CLUSTER_PRIORITY.get(
+            {"hpc": "slurm"}.get(provider, provider), 0))
+
+    def _rank(self, w: Any) -> tuple[int, int, float]:
+        """Who gets work first among idle workers: more GPUs, then HPC before Salad (the
+        cluster's priority), then more VRAM. Smaller sorts first."""
+        return (-(w["gpus"] or 0), -self.cluster_priority(w["cluster"] or "", w["provider"] or ""),
+                -(w["vram_gb"] or 0.0))
+
+    def _better_idle(self, worker: dict[str, Any]) -> list[tuple[int, str]]:
+        """(gpus, cluster) of idle workers ranked above this one that are alive (heard from
+        within a heartbeat interval and a half), best first: the claim sets work aside for them."""
+        idle = self.store.idle_workers()
+        if len(idle) <= 1:
+            return []
+        mine = self._rank(worker)
+        fresh = self.clock() - 1.5 * self.settings.heartbeat_interval
+        better = [w for w in idle if w["id"] != worker["id"] and self._rank(w) < mine
+                  and self.last_seen.get(w["id"], 0) >= fresh]
+        better.sort(key=self._rank)
+        return [(w["gpus"] or 0, w["cluster"] or "") for w in better]
 
     async def _check_holder(self, worker_id: str, job_id: str) -> None:
         """403 for a job this worker never held; a lease it lost is a 409 further on."""

@@ -77,6 +77,16 @@ def m001_initial(db: Database) -> None:
     db.table("events").create_index(["job_id", "id"])
 
 
+@migrations()
+def m002_clusters(db: Database) -> None:
+    # preferred_clusters: JSON list of cluster names the job may run on (NULL: any).
+    # blocked_reason: why a queued job cannot run anywhere now (set by the provisioning loop).
+    db.table("jobs").add_column("preferred_clusters", str)
+    db.table("jobs").add_column("blocked_reason", str)
+    db.table("workers").add_column("note", str)  # placeholders: the provider's word on them
+    db.table("clusters").create({"name": str, "enabled": int, "updated_at": float}, pk="name")
+
+
 class WrongThread(RuntimeError):
     pass
 
@@ -342,11 +352,15 @@ class Store:
     def claim_next(
         self, worker_id: str, gpus: int, set_fields: dict[str, Any], now: float,
         event: dict[str, Any], worker_fields: dict[str, Any],
+        cluster: str = "", better: Sequence[tuple[int, str]] = (),
     ) -> dict[str, Any] | None:
         """Assign the best queued job this worker can run, in one conditional write.
 
-        All writes are serialised on this thread, so the chosen job is still queued when the
-        UPDATE runs: a claim never loses a race and never answers "no job" while one is claimable.
+        A job with `preferred_clusters` is only for workers of those clusters. `better` lists
+        the (gpus, cluster) of idle workers that rank above this one: each is set aside the
+        first queued job it could run, and this worker takes the first job nobody better is
+        set aside for (none left: no claim). All writes are serialised on this thread, so the
+        chosen job is still queued when the UPDATE runs.
         """
         sets, params = self._set_clause({"status": "assigned", **set_fields})
         self._begin()
@@ -357,17 +371,31 @@ class Store:
             if worker is None or worker[0] != "idle":
                 self.conn.execute("ROLLBACK")
                 return None
-            row = self.conn.execute(
-                f"""UPDATE jobs SET {sets}
-                    WHERE id = (SELECT id FROM jobs WHERE status = 'queued' AND gpus <= ?
-                                ORDER BY priority DESC, created_at, rowid LIMIT 1)
-                      AND status = 'queued'
-                    RETURNING *""",
-                [*params, gpus],
-            ).fetchone()
-            if row is None:
+            candidates = self.conn.execute(
+                """SELECT id, gpus, preferred_clusters FROM jobs
+                   WHERE status = 'queued' AND gpus <= ?
+                     AND (preferred_clusters IS NULL OR EXISTS (
+                          SELECT 1 FROM json_each(jobs.preferred_clusters) WHERE value = ?))
+                   ORDER BY priority DESC, created_at, rowid LIMIT ?""",
+                [gpus, cluster, len(better) + 1],
+            ).fetchall()
+            spare = list(better)
+            chosen = None
+            for cand in candidates:
+                allowed = load_json(cand["preferred_clusters"])
+                taker = next((b for b in spare if b[0] >= cand["gpus"]
+                              and (allowed is None or b[1] in allowed)), None)
+                if taker is None:
+                    chosen = cand["id"]
+                    break
+                spare.remove(taker)
+            if chosen is None:
                 self.conn.execute("ROLLBACK")
                 return None
+            row = self.conn.execute(
+                f"UPDATE jobs SET {sets} WHERE id = ? AND status = 'queued' RETURNING *",
+                [*params, chosen],
+            ).fetchone()
             job = dict(row)
             self._update("workers", worker_id, {**worker_fields, "job_id": job["id"]})
             self._event({**event, "job_id": job["id"], "attempt": job["attempt"], "at": now})
@@ -498,6 +526,92 @@ class Store:
         worker = self.get_worker(row["id"])
         assert worker is not None
         return worker
+
+    def register_worker(self, row: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
+        """Insert a registering worker, or turn its placeholder (same cluster and provider id,
+        still provisioning) into it: one transaction, so the provisioning loop never sees the
+        pending request and the worker both, nor neither."""
+        self._begin()
+        try:
+            placeholder = None
+            if row.get("provider_id"):
+                placeholder = self.conn.execute(
+                    "SELECT id, provider FROM workers WHERE cluster = ? AND provider_id = ? "
+                    "AND status = 'provisioning' ORDER BY registered_at LIMIT 1",
+                    [row["cluster"], row["provider_id"]]).fetchone()
+            if placeholder is None:
+                self._insert("workers", row)
+                worker_id = row["id"]
+            else:
+                worker_id = placeholder["id"]
+                fields = {k: v for k, v in row.items() if k != "id"}
+                fields["provider"] = placeholder["provider"] or row["provider"]
+                fields["note"] = None
+                self._update("workers", worker_id, fields)
+                event = {**event, "kind": "worker_activate", "from_status": "provisioning",
+                         "reason": f"{event.get('reason', '')} (was placeholder)".strip()}
+            self._event({**event, "worker_id": worker_id})
+            self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+        worker = self.get_worker(worker_id)
+        assert worker is not None
+        return worker
+
+    def idle_workers(self) -> list[sqlite3.Row]:
+        """Idle workers' ranking fields, on the read-only connection (every claim asks)."""
+        return self.reader.execute(
+            "SELECT id, gpus, vram_gb, cluster, provider FROM workers WHERE status = 'idle'"
+        ).fetchall()
+
+    def cluster_workers(self) -> list[dict[str, Any]]:
+        """Every worker not gone, with its cluster: the provisioning loop's view."""
+        rows = self.conn.execute(
+            "SELECT id, name, cluster, provider, provider_id, status, job_id, gpus, vram_gb, "
+            "registered_at, last_heartbeat_at, note FROM workers WHERE status != 'gone'"
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    def set_worker_note(self, worker_id: str, note: str | None) -> None:
+        self.conn.execute("UPDATE workers SET note = ? WHERE id = ? AND note IS NOT ?",
+                          [note, worker_id, note])
+
+    def queued_jobs(self, limit: int = 10000) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT id, gpus, preferred_clusters, blocked_reason FROM jobs WHERE status = 'queued' "
+            "ORDER BY priority DESC, created_at, rowid LIMIT ?", [limit]).fetchall()
+        return [dict(r) for r in rows]
+
+    def set_blocked_reasons(self, reasons: dict[str, str | None]) -> list[str]:
+        """Write each queued job's blocked reason where it changed; returns the ids changed."""
+        changed = []
+        self._begin()
+        try:
+            for job_id, reason in reasons.items():
+                cur = self.conn.execute(
+                    "UPDATE jobs SET blocked_reason = ? WHERE id = ? AND blocked_reason IS NOT ?",
+                    [reason, job_id, reason])
+                if cur.rowcount:
+                    changed.append(job_id)
+            self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+        return changed
+
+    def cluster_switches(self) -> dict[str, bool]:
+        """Clusters enabled or disabled at run time (`relaymd clusters enable|disable`)."""
+        rows = self.conn.execute("SELECT name, enabled FROM clusters").fetchall()
+        return {r[0]: bool(r[1]) for r in rows}
+
+    def set_cluster_enabled(self, name: str, enabled: bool, now: float) -> None:
+        self.conn.execute(
+            "INSERT INTO clusters (name, enabled, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET enabled = excluded.enabled, "
+            "updated_at = excluded.updated_at", [name, int(enabled), now])
 
     def get_worker(self, worker_id: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT * FROM workers WHERE id = ?", [worker_id]).fetchone()

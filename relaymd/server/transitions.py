@@ -8,7 +8,7 @@ writes nothing and raises `TransitionConflict`, which the API turns into a typed
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from relaymd.models import (
@@ -126,15 +126,16 @@ class StateMachine:
 
     # ------------------------------------------------------------------ worker-driven
 
-    async def claim(self, worker_id: str, gpus: int) -> dict[str, Any] | None:
+    async def claim(self, worker_id: str, gpus: int, cluster: str = "",
+                    better: Sequence[tuple[int, str]] = ()) -> dict[str, Any] | None:
         now = self.clock()
         return await self.store.run(
             self.store.claim_next, worker_id, gpus,
             {"attempt": Expr("attempt + 1"), "worker_id": worker_id, "updated_at": now,
-             "progress": None},
+             "progress": None, "blocked_reason": None},
             now, {"kind": "claim", "worker_id": worker_id, "from_status": "queued",
                   "to_status": "assigned", "reason": "claimed"},
-            {"status": str(W.busy)},
+            {"status": str(W.busy)}, cluster, better,
         )
 
     async def start(self, job_id: str, worker_id: str, attempt: int) -> dict[str, Any]:

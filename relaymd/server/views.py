@@ -34,6 +34,8 @@ def job_from_row(row: dict[str, Any], progress: dict[str, Any] | None = None) ->
         created_at=to_datetime(row["created_at"]), updated_at=to_datetime(row["updated_at"]),
         started_at=to_datetime(row["started_at"]), finished_at=to_datetime(row["finished_at"]),
         last_checkpoint_at=to_datetime(row["last_checkpoint_at"]),
+        preferred_clusters=load_json(row["preferred_clusters"]),
+        queue_blocked_reason=row["blocked_reason"] if row["status"] == "queued" else None,
     )
 
 
@@ -107,6 +109,7 @@ def worker_from_row(row: dict[str, Any], last_seen: float | None = None) -> Work
         provider_id=row["provider_id"], platform=row["platform"] or "", gpus=row["gpus"] or 0,
         gpu_model=row["gpu_model"] or "", vram_gb=row["vram_gb"] or 0.0, status=row["status"],
         job_id=row["job_id"], consecutive_failures=row["consecutive_failures"] or 0,
+        note=row["note"] if "note" in row.keys() else None,
         registered_at=to_datetime(row["registered_at"]),
         last_heartbeat_at=to_datetime(max(filter(None, [last_seen, row["last_heartbeat_at"]]),
                                           default=None)),
