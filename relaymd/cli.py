@@ -27,7 +27,7 @@ from rich.table import Table
 from relaymd import __version__
 from relaymd.client import ApiError, Client, discover_token, discover_url
 from relaymd.config import ConfigError, Settings, load_settings
-from relaymd.models import Job, JobCreate, JobStatus, Worker
+from relaymd.models import ClusterInfo, Job, JobCreate, JobStatus, Worker
 
 STATUS_STYLE = {
     "queued": "yellow", "assigned": "cyan", "running": "green", "completed": "bold green",
@@ -251,12 +251,14 @@ def bundle_spec_for(src: Path, command: str | None, checkpoint: tuple[str, ...],
 @click.option("--gpus", type=click.IntRange(0, 64), help="GPUs the job needs")
 @click.option("--max-attempts", type=click.IntRange(1, 1000), help="engine failures allowed")
 @click.option("--priority", type=click.IntRange(-1000, 1000), default=0, show_default=True)
+@click.option("--cluster", "clusters", multiple=True, metavar="NAME",
+              help="run only on workers of this cluster (repeatable; default: anywhere)")
 @url_option
 @json_option
 @click.pass_context
 def submit(ctx: click.Context, directory: Path, title: str | None, command: str | None,
            checkpoint: tuple[str, ...], gpus: int | None, max_attempts: int | None,
-           priority: int, url: str | None, as_json: bool) -> None:
+           priority: int, clusters: tuple[str, ...], url: str | None, as_json: bool) -> None:
     """Pack DIRECTORY into a bundle, upload it and queue the job."""
     from relaymd.storage.bundle import BundleError, pack_directory
 
@@ -275,7 +277,8 @@ def submit(ctx: click.Context, directory: Path, title: str | None, command: str 
         call(lambda: client.upload_bundle(job_id, bundle))
         job = call(lambda: client.create_job(JobCreate(
             id=job_id, title=title if title is not None else directory.resolve().name,
-            max_attempts=max_attempts, gpus=gpus, priority=priority)))
+            max_attempts=max_attempts, gpus=gpus, priority=priority,
+            preferred_clusters=list(clusters) or None)))
     if as_json:
         emit_json(job)
     else:
@@ -334,6 +337,10 @@ def job(ctx: click.Context, job_ref: str, url: str | None, as_json: bool) -> Non
     out.print(f"  command    {escape(detail.command)}")
     out.print(f"  progress   {progress_text(detail)}")
     out.print(f"  worker     {detail.worker_id or '-'}")
+    if detail.preferred_clusters:
+        out.print(f"  clusters   {escape(', '.join(detail.preferred_clusters))} only")
+    if detail.queue_blocked_reason:
+        out.print(f"  [yellow]waiting[/]    {escape(detail.queue_blocked_reason)}")
     out.print(f"  created    {detail.created_at:%Y-%m-%d %H:%M:%S} UTC ({age(detail.created_at)} ago)")
     if detail.last_failure:
         f = detail.last_failure
@@ -400,6 +407,73 @@ def workers_table(workers: list[Worker]) -> Table:
                       escape(f"{w.gpus} {w.gpu_model}".strip()), styled(w.status), (w.job_id or "-")[:8],
                       age(w.last_heartbeat_at, now), left)
     return table
+
+
+def clusters_table(clusters: list[ClusterInfo]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("CLUSTER", "PROVIDER", "STRATEGY", "ON", "GPUS", "PENDING", "IDLE", "BUSY",
+                "WAITING", "LAST DECISION"):
+        table.add_column(col, no_wrap=col != "LAST DECISION")
+    for c in clusters:
+        decision = c.last_decision
+        if c.last_submitted:
+            decision = f"requested {c.last_submitted}: {decision}"
+        if c.last_error:
+            decision += f" [red]({escape(c.last_error)})[/]"
+        if c.note:
+            decision += f" [dim]{escape(c.note)}[/]"
+        table.add_row(escape(c.name), c.provider, c.strategy,
+                      "yes" if c.enabled else "[yellow]no[/]", str(c.gpus),
+                      f"{c.pending}/{c.max_pending}", str(c.idle),
+                      f"{c.busy}", str(c.waiting), decision)
+    return table
+
+
+@main.group(invoke_without_command=True)
+@url_option
+@json_option
+@click.pass_context
+def clusters(ctx: click.Context, url: str | None, as_json: bool) -> None:
+    """List clusters: pending and active workers, and the last provisioning decision."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with client_of(ctx, url) as client:
+        listed = call(client.clusters)
+    if as_json:
+        emit_json(listed)
+    elif not listed:
+        click.echo("no clusters (add them under `clusters:` in the config file)")
+    else:
+        Console().print(clusters_table(listed))
+
+
+def _switch(ctx: click.Context, name: str, url: str | None, as_json: bool, on: bool) -> None:
+    with client_of(ctx, url) as client:
+        info = call(lambda: client.set_cluster_enabled(name, on))
+    if as_json:
+        emit_json(info)
+    else:
+        click.echo(f"cluster {info.name}: {'enabled' if info.enabled else 'disabled'}")
+
+
+@clusters.command("enable")
+@click.argument("name")
+@url_option
+@json_option
+@click.pass_context
+def clusters_enable(ctx: click.Context, name: str, url: str | None, as_json: bool) -> None:
+    """Let the orchestrator request workers from cluster NAME again."""
+    _switch(ctx, name, url, as_json, True)
+
+
+@clusters.command("disable")
+@click.argument("name")
+@url_option
+@json_option
+@click.pass_context
+def clusters_disable(ctx: click.Context, name: str, url: str | None, as_json: bool) -> None:
+    """Stop requesting workers from cluster NAME (running workers finish their jobs)."""
+    _switch(ctx, name, url, as_json, False)
 
 
 @main.command()

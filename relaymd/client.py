@@ -11,6 +11,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel
@@ -21,6 +22,7 @@ from relaymd.models import (
     BundleUploaded,
     CheckpointReport,
     CheckpointReserved,
+    ClusterInfo,
     HeartbeatReply,
     Job,
     JobCreate,
@@ -188,6 +190,14 @@ class Client:
     def workers(self) -> list[Worker]:
         data = self.request("GET", "/api/v1/workers").json()
         return [Worker.model_validate(w) for w in data]
+
+    def clusters(self) -> list[ClusterInfo]:
+        data = self.request("GET", "/api/v1/clusters").json()
+        return [ClusterInfo.model_validate(c) for c in data]
+
+    def set_cluster_enabled(self, name: str, enabled: bool) -> ClusterInfo:
+        action = "enable" if enabled else "disable"
+        return self._post(f"/api/v1/clusters/{quote(name, safe='')}/{action}", ClusterInfo)
 
     # ------------------------------------------------------------------ worker
 

@@ -77,6 +77,7 @@ class SlurmSettings(BaseModel):
     worker_command: str | None = None  # default: `relaymd worker` (inside the image if any)
     template: Path | None = None  # default: the packaged deploy/slurm/job.sbatch
     ssh: str | None = None  # login node to run sbatch/squeue on (`ssh HOST sbatch ...`)
+    bin_dir: str | None = None  # where sbatch/squeue/scontrol/scancel live (default: PATH)
     orchestrator_url: str | None = None  # how compute nodes reach the API (default: ours)
     output: str | None = None  # --output; default {home}/slurm/{cluster}/%j.out ("relaymd-%j.out" over ssh)
     env: dict[str, str] = Field(default_factory=dict)  # more variables for the worker

@@ -310,6 +310,32 @@ class Fail(Strict):
     log_tail: str = Field(default="", max_length=65536)
 
 
+# --------------------------------------------------------------------------- clusters
+
+
+class ClusterInfo(BaseModel):
+    """`relaymd clusters`: one cluster, its workers and the provisioning loop's last word."""
+
+    name: str
+    provider: str
+    strategy: str
+    enabled: bool
+    priority: int
+    gpus: int  # GPUs of one of its workers
+    max_pending: int
+    max_workers: int
+    pending: int  # requested, not yet registered
+    idle: int
+    busy: int
+    waiting: int  # queued jobs routed to it in the last cycle
+    last_decision: str  # what the loop decided and why
+    last_submitted: int  # workers requested in the last cycle
+    last_decision_at: datetime | None
+    last_error: str | None  # the provider's last failure, if the last cycle had one
+    note: str  # what the provider reported (e.g. "squeue failed: ...", "2 replicas starting")
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     version: str

@@ -235,6 +235,15 @@ class Api:
         statuses = [s for s in request.query_params.get("status", "").split(",") if s]
         return ok(await self.service.list_workers(statuses or None))
 
+    async def list_clusters(self, request: Request, _: Principal | None) -> Response:
+        return ok(await self.service.clusters())
+
+    async def enable_cluster(self, request: Request, _: Principal | None) -> Response:
+        return ok(await self.service.switch_cluster(request.path_params["name"], True))
+
+    async def disable_cluster(self, request: Request, _: Principal | None) -> Response:
+        return ok(await self.service.switch_cluster(request.path_params["name"], False))
+
     # ------------------------------------------------------------------ worker routes
 
     async def register(self, request: Request, _: Principal | None) -> Response:
@@ -319,6 +328,12 @@ class Api:
             Route(f"{v1}/jobs/{{job_id}}/fail", e("fail", "worker", self.fail), methods=["POST"]),
             Route(f"{v1}/workers", e("list_workers", "operator", self.list_workers),
                   methods=["GET"]),
+            Route(f"{v1}/clusters", e("list_clusters", "operator", self.list_clusters),
+                  methods=["GET"]),
+            Route(f"{v1}/clusters/{{name}}/enable", e("enable_cluster", "operator",
+                                                       self.enable_cluster), methods=["POST"]),
+            Route(f"{v1}/clusters/{{name}}/disable", e("disable_cluster", "operator",
+                                                        self.disable_cluster), methods=["POST"]),
             Route(f"{v1}/workers/register", e("register", "bootstrap", self.register),
                   methods=["POST"]),
             Route(f"{v1}/workers/{{worker_id}}/heartbeat", e("heartbeat", "worker",

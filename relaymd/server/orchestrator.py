@@ -28,7 +28,9 @@ from relaymd.config import Settings
 from relaymd.server.api import create_app
 from relaymd.server.auth import Authenticator, load_or_create_tokens
 from relaymd.server.metrics import Metrics
-from relaymd.server.provisioning.local import LocalProvider
+from relaymd.server.provisioning.base import Provider, ProviderError
+from relaymd.server.provisioning.local import LocalProvider, local_cluster
+from relaymd.server.provisioning.provisioner import Provisioner, build_provider
 from relaymd.server.service import Service
 from relaymd.server.store import Store
 
@@ -93,7 +95,7 @@ class Orchestrator:
         self.service: Service | None = None
         self.server: EmbeddedServer | None = None
         self.scheduler: AsyncIOScheduler | None = None
-        self.provider: LocalProvider | None = None
+        self.provisioner: Provisioner | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock_fd: int | None = None
         self._server_error: BaseException | None = None
@@ -181,11 +183,12 @@ class Orchestrator:
             self.scheduler.add_job(self.service.reap, "interval", seconds=settings.reap_interval,
                                    id="reap", coalesce=True, max_instances=1,
                                    replace_existing=True)
-            if settings.local_workers > 0:
-                self.provider = LocalProvider(settings, self.service, self.url)
-                self.scheduler.add_job(self.provider.cycle, "interval",
-                                       seconds=settings.provision_interval, id="provision:local",
-                                       coalesce=True, max_instances=1, replace_existing=True)
+            self.provisioner = self._provisioner(tokens.worker)
+            await self.provisioner.load()
+            self.service.provisioner = self.provisioner
+            self.scheduler.add_job(self.provisioner.cycle, "interval",
+                                   seconds=settings.provision_interval, id="provision",
+                                   coalesce=True, max_instances=1, replace_existing=True)
             self.scheduler.start()
             self._write_endpoint()
             log.info("orchestrator listening on %s (database %s, storage %s)", self.url,
@@ -193,6 +196,29 @@ class Orchestrator:
         except BaseException:
             await self.stop()
             raise
+
+    @property
+    def provider(self) -> LocalProvider | None:
+        """The local provider, when this orchestrator starts workers on its own machine."""
+        return self.provisioner.local if self.provisioner is not None else None
+
+    def _provisioner(self, worker_token: str) -> Provisioner:
+        settings = self.settings
+        assert self.service is not None
+        clusters = list(settings.clusters)
+        if settings.local_workers > 0 and not any(c.provider == "local" for c in clusters):
+            local = local_cluster(settings)
+            if any(c.name == local.name for c in clusters):
+                local = local.model_copy(update={"name": "local-machine"})
+            clusters.append(local)
+        providers: dict[str, Provider] = {}
+        for c in clusters:
+            try:
+                providers[c.name] = build_provider(c, settings, self.service, self.url,
+                                                   worker_token)
+            except ProviderError as exc:
+                raise OrchestratorError(str(exc)) from None
+        return Provisioner(settings, self.service, clusters, providers, self.clock)
 
     async def _serve(self, sock: socket.socket) -> None:
         assert self.server is not None
@@ -214,8 +240,8 @@ class Orchestrator:
         if self.scheduler is not None and self.scheduler.running:
             self.scheduler.shutdown(wait=False)
             await asyncio.sleep(0)
-        if self.provider is not None:  # while the API is up: their hand-offs need it
-            await self.provider.stop()
+        if self.provisioner is not None:  # while the API is up: their hand-offs need it
+            await self.provisioner.stop()
         if self.server is not None and self._task is not None:
             self.server.should_exit = True
             with contextlib.suppress(Exception):

@@ -28,6 +28,7 @@ from relaymd.models import (
     BundleUploaded,
     CheckpointReport,
     CheckpointReserved,
+    ClusterInfo,
     HeartbeatReply,
     Job,
     JobCreate,
@@ -40,7 +41,12 @@ from relaymd.models import (
 )
 from relaymd.server.auth import Authenticator, hash_token, new_token
 from relaymd.server.store import Store, dumps
-from relaymd.server.transitions import JobNotFound, StateMachine, TransitionConflict
+from relaymd.server.transitions import (
+    JobNotFound,
+    StateMachine,
+    TransitionConflict,
+    WorkerConflict,
+)
 from relaymd.server.views import JobJsonCache, job_detail, job_from_row, worker_from_row
 from relaymd.storage import (
     ObjectNotFound,
@@ -115,6 +121,7 @@ class Service:
         self._gc_tasks: dict[str, asyncio.Task[None]] = {}  # job id -> its running prune
         self._gc_again: set[str] = set()
         self.started_at = clock()
+        self.provisioner: Any = None  # set by the orchestrator: `relaymd clusters` asks it
 
     def changed(self, what: str, key: str | None = None) -> None:
         for listener in self.listeners:
@@ -328,6 +335,55 @@ class Service:
         self.auth.drop_worker(worker_id)
         self.last_seen.pop(worker_id, None)
         self.changed("workers", worker_id)
+
+    # ------------------------------------------------------------------ provisioning
+
+    async def add_placeholder(self, cluster: str, provider: str, provider_id: str, gpus: int,
+                              name: str) -> str:
+        """Record a request for a worker (an sbatch job) until its worker registers with
+        `provider_id`; the provisioning loop counts it as pending, so it never asks twice."""
+        now = self.clock()
+        worker_id = uuid.uuid4().hex
+        await self.store.run(self.store.insert_worker, {
+            "id": worker_id, "name": name, "hostname": "", "cluster": cluster,
+            "provider": provider, "provider_id": provider_id, "platform": "", "gpus": gpus,
+            "gpu_model": "", "vram_gb": 0.0, "status": str(WorkerStatus.provisioning),
+            "job_id": None, "token_hash": None, "registered_at": now,
+            "last_heartbeat_at": None, "wall_time_end": None, "note": "submitted",
+        }, {"kind": "worker_provision", "worker_id": worker_id, "to_status": "provisioning",
+            "reason": f"{cluster}: requested {provider} {provider_id}", "at": now})
+        self.changed("workers", worker_id)
+        return worker_id
+
+    async def drop_placeholder(self, worker_id: str, reason: str) -> None:
+        try:
+            await self.machine.change_worker(worker_id, "deregister", reason)
+        except WorkerConflict:
+            return  # it registered meanwhile: the worker owns the row now
+        self.changed("workers", worker_id)
+
+    async def clusters(self) -> list[ClusterInfo]:
+        if self.provisioner is None:
+            return []
+        workers = await self.store.run(self.store.cluster_workers)
+        return list(self.provisioner.info(workers))
+
+    async def switch_cluster(self, name: str, enabled: bool) -> ClusterInfo:
+        if self.provisioner is None:
+            raise NotFound(f"no cluster {name!r}: provisioning is not running")
+        await self.provisioner.set_enabled(name, enabled)
+        return next(c for c in await self.clusters() if c.name == name)
+
+    async def set_worker_note(self, worker_id: str, note: str | None) -> None:
+        await self.store.run(self.store.set_worker_note, worker_id, note)
+
+    async def worker_lost(self, worker_id: str, reason: str) -> None:
+        """The provider says this worker's allocation is over: its job goes back to the queue
+        now (an interruption; no failure counted) rather than after the heartbeat timeout."""
+        try:
+            await self.deregister(worker_id, reason)
+        except (NotFound, WorkerConflict):
+            pass
 
     async def claim(self, worker_id: str, gpus: int | None = None) -> Assignment | None:
         worker = await self.store.run(self.store.get_worker, worker_id)

@@ -546,6 +546,8 @@ class Store:
                 worker_id = placeholder["id"]
                 fields = {k: v for k, v in row.items() if k != "id"}
                 fields["provider"] = placeholder["provider"] or row["provider"]
+                if not fields.get("name"):
+                    fields.pop("name", None)  # keep the placeholder's "cluster:id" name
                 fields["note"] = None
                 self._update("workers", worker_id, fields)
                 event = {**event, "kind": "worker_activate", "from_status": "provisioning",

@@ -109,7 +109,7 @@ def worker_from_row(row: dict[str, Any], last_seen: float | None = None) -> Work
         provider_id=row["provider_id"], platform=row["platform"] or "", gpus=row["gpus"] or 0,
         gpu_model=row["gpu_model"] or "", vram_gb=row["vram_gb"] or 0.0, status=row["status"],
         job_id=row["job_id"], consecutive_failures=row["consecutive_failures"] or 0,
-        note=row["note"] if "note" in row.keys() else None,
+        note=row.get("note"),
         registered_at=to_datetime(row["registered_at"]),
         last_heartbeat_at=to_datetime(max(filter(None, [last_seen, row["last_heartbeat_at"]]),
                                           default=None)),

@@ -274,7 +274,7 @@ class RelayApp(App[None]):
     def on_changed(self, message: Changed) -> None:
         if message.what == "workers":
             self.refresh_workers()
-        else:
+        elif message.what == "jobs":
             self.refresh_jobs()
 
     def on_log_line(self, message: LogLine) -> None:
@@ -450,6 +450,10 @@ class RelayApp(App[None]):
         text.append_text(styled(str(d.status)))
         text.append(f"  attempt {d.attempt}  failures {d.failures}/{d.max_attempts}\n")
         text.append(f"{d.command}\n", style="dim")
+        if d.preferred_clusters:
+            text.append(f"runs only on {', '.join(d.preferred_clusters)}\n")
+        if d.queue_blocked_reason:
+            text.append(f"waiting: {d.queue_blocked_reason}\n", style="bold yellow")
         if d.checkpoint_list:
             text.append("\ncheckpoints\n", style="bold")
             for c in d.checkpoint_list[-8:]:

@@ -113,8 +113,10 @@ class Worker:
         gpus = await asyncio.to_thread(detect_gpus)
         slurm_id = os.environ.get("SLURM_JOB_ID") or None
         self.wall_time_end = await asyncio.to_thread(slurm_end_time, slurm_id)
+        # The id its provider knows it by: a placeholder keyed by it becomes this worker.
+        provider_id = slurm_id or os.environ.get("SALAD_MACHINE_ID") or None
         req = WorkerRegister(
-            hostname=hostname(), cluster=s.cluster, provider=s.platform, provider_id=slurm_id,
+            hostname=hostname(), cluster=s.cluster, provider=s.platform, provider_id=provider_id,
             platform="CUDA" if gpus.count else "CPU", gpus=gpus.count, gpu_model=gpus.model,
             vram_gb=gpus.vram_gb, wall_time_end=to_datetime(self.wall_time_end))
         reg = await self.gateway.call("register", self.client.register, req)

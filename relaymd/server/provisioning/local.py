@@ -1,9 +1,9 @@
 """The `local` provider: `relaymd worker` processes on the orchestrator's own machine.
 
-Every cycle it reaps workers that have exited and, when jobs are queued and no registered worker
-is idle, starts one more (up to `local_workers`). A worker it started gets a few seconds to
-register and claim before the next may start, so one queued job never spawns a crowd. Workers
-run in their own sessions (a Ctrl+C meant for the console does not reach them) and log to
+Every cycle it reaps workers that have exited; a started worker counts as pending until it has
+registered, so one queued job never spawns a crowd; the provisioning loop's strategy (reactive
+by default, up to `local_workers`) decides when to start one more. Workers run in their own
+sessions (a Ctrl+C meant for the console does not reach them) and log to
 `{home}/logs/worker-N.log`. On stop they get SIGTERM, hand their jobs back with a last
 checkpoint while the API is still up, and are killed only if they overrun the hand-off wait.
 """
@@ -20,13 +20,33 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from relaymd.config import Settings
+from relaymd.config import ClusterConfig, Settings
+from relaymd.server.provisioning.base import Seen
 from relaymd.server.service import Service
 
 log = logging.getLogger(__name__)
 
-SPAWN_GRACE = 5.0  # seconds a new worker has to register and claim before another may start
+
+def local_gpus() -> int:
+    """GPUs on this machine (`nvidia-smi -L`), 0 when there is no driver: what a local worker
+    will offer, so the loop knows which queued jobs it can take."""
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10,
+                             stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    if out.returncode != 0:
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+def local_cluster(settings: Settings) -> ClusterConfig:
+    """The cluster the embedded default provisions: this machine, `local_workers` at most."""
+    return ClusterConfig(name=settings.cluster if settings.cluster else "local",
+                         provider="local", strategy="reactive", max_pending=1,
+                         max_workers=settings.local_workers)
 
 
 @dataclass
@@ -38,11 +58,13 @@ class LocalWorker:
 
 
 class LocalProvider:
-    def __init__(self, settings: Settings, service: Service, url: str) -> None:
+    def __init__(self, settings: Settings, service: Service, url: str,
+                 cluster: ClusterConfig | None = None) -> None:
+        self.cluster = cluster or local_cluster(settings)
         self.settings = settings
         self.service = service
         self.url = url
-        self.max_workers = settings.local_workers
+        self.gpus = local_gpus()
         self.workers: list[LocalWorker] = []
         self.started_total = 0
         self.log_dir = settings.home / "logs"
@@ -59,17 +81,19 @@ class LocalProvider:
                 log.info("local worker %d (pid %d) exited with %d; log %s", w.number,
                          w.proc.pid, code, w.log_path)
 
-    async def cycle(self) -> None:
-        """Reap, then start a worker if queued work has nobody to run it."""
+    async def reconcile(self, workers: list[dict[str, Any]]) -> Seen:
         self.reap()
-        if self.max_workers <= 0 or len(self.workers) >= self.max_workers:
-            return
-        if any(time.monotonic() - w.started < SPAWN_GRACE for w in self.workers):
-            return
-        jobs, workers = await self.service.counts()
-        if jobs.get("queued", 0) == 0 or workers.get("idle", 0) > 0:
-            return
-        self.spawn()
+        registered = sum(1 for w in workers if w["status"] in ("idle", "busy"))
+        pending = max(0, self.live - registered)
+        return Seen(pending=pending, details={"processes": self.live, "gpus": self.gpus})
+
+    async def submit(self, count: int) -> int:
+        for _ in range(count):
+            self.spawn()
+        return count
+
+    async def scale_in(self, workers: list[dict[str, Any]]) -> None:
+        """Idle local workers exit by themselves (immediate_exit)."""
 
     def spawn(self) -> LocalWorker:
         self.started_total += 1
@@ -78,6 +102,7 @@ class LocalProvider:
         log_path = self.log_dir / f"worker-{number}.log"
         env = {**os.environ, **self.settings.storage_env(), "RELAYMD_HOME": str(self.settings.home),
                "RELAYMD_URL": self.url, "RELAYMD_PLATFORM": "local",
+               "RELAYMD_CLUSTER": self.cluster.name,
                "RELAYMD_WORKER_IDLE": "immediate_exit"}
         env.pop("RELAYMD_TOKEN", None)  # the worker registers with the bootstrap token
         with open(log_path, "ab") as out:

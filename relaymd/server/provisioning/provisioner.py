@@ -1,0 +1,242 @@
+"""The provisioning loop: every cycle, route queued work to clusters and ask them for workers.
+
+One `cycle()` per `provision_interval`:
+
+1. each provider reconciles its requests with what it sees (squeue, Salad instances, local
+   processes) and says how many are pending;
+2. each queued job is routed to the first enabled cluster, by priority (HPC before Salad by
+   default), that can run it (enough GPUs, allowed by `preferred_clusters`) and still has room:
+   its idle and pending workers, plus what it may still request. What HPC cannot cover
+   overflows to the next cluster. A job no enabled cluster can run gets a `queue_blocked_reason`;
+3. each cluster's strategy decides how many workers to request, and its provider does it. A
+   provider's failure is logged and recorded as the cluster's last decision; the loop carries on.
+   A cluster with nothing routed to it is asked to give back idle capacity.
+
+Run-time switches (`relaymd clusters enable|disable`) are kept in the database, so they survive
+a restart of the orchestrator.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from relaymd.config import ClusterConfig, Settings
+from relaymd.models import ClusterInfo, to_datetime
+from relaymd.server.provisioning.base import Provider, ProviderError, Seen
+from relaymd.server.provisioning.local import LocalProvider
+from relaymd.server.provisioning.strategies import ClusterView, Decision, decide
+from relaymd.server.service import NotFound, Service
+from relaymd.server.store import load_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClusterState:
+    """What the loop last saw and did for one cluster."""
+
+    config: ClusterConfig
+    provider: Provider
+    gpus: int
+    seen: Seen = field(default_factory=lambda: Seen(pending=0))
+    view: ClusterView = field(default_factory=lambda: ClusterView(0, 0, 0, 0))
+    decision: Decision = field(default_factory=lambda: Decision(0, "not run yet"))
+    decided_at: float | None = None
+    error: str | None = None
+
+
+def build_provider(cluster: ClusterConfig, settings: Settings, service: Service, url: str,
+                   worker_token: str) -> Provider:
+    if cluster.provider == "slurm":
+        from relaymd.server.provisioning.slurm import SlurmProvider
+
+        return SlurmProvider(cluster, settings, service, url, worker_token)
+    if cluster.provider == "salad":
+        from relaymd.server.provisioning.salad import SaladProvider
+
+        assert cluster.salad is not None
+        key = cluster.salad.api_key or settings.salad_api_key
+        if key is None:
+            raise ProviderError(f"cluster {cluster.name}: no Salad API key; set salad.api_key "
+                                "for the cluster or RELAYMD_SALAD_API_KEY")
+        return SaladProvider(cluster, key.get_secret_value())
+    return LocalProvider(settings, service, url, cluster)
+
+
+class Provisioner:
+    def __init__(self, settings: Settings, service: Service, clusters: list[ClusterConfig],
+                 providers: dict[str, Provider], clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.service = service
+        self.clock = clock
+        self.clusters: dict[str, ClusterState] = {}
+        for c in sorted(clusters, key=lambda c: -(c.priority or 0)):
+            provider = providers[c.name]
+            gpus = provider.gpus if isinstance(provider, LocalProvider) else c.gpus
+            self.clusters[c.name] = ClusterState(c, provider, gpus)
+        self.switches: dict[str, bool] = {}
+
+    @property
+    def local(self) -> LocalProvider | None:
+        for state in self.clusters.values():
+            if isinstance(state.provider, LocalProvider):
+                return state.provider
+        return None
+
+    def enabled(self, name: str) -> bool:
+        return self.switches.get(name, self.clusters[name].config.enabled)
+
+    async def load(self) -> None:
+        """The run-time switches saved by an earlier orchestrator on this database."""
+        store = self.service.store
+        self.switches = await store.run(store.cluster_switches)
+
+    # ------------------------------------------------------------------ the cycle
+
+    async def cycle(self) -> None:
+        store = self.service.store
+        self.switches = await store.run(store.cluster_switches)
+        workers = await store.run(store.cluster_workers)
+        for name, state in self.clusters.items():
+            mine = [w for w in workers if w["cluster"] == name]
+            try:
+                state.seen = await state.provider.reconcile(mine)
+            except Exception as exc:  # a provider bug must not stop the others
+                log.exception("cluster %s: reconcile failed", name)
+                state.seen = Seen(pending=state.seen.pending, note=f"reconcile failed: {exc}")
+        workers = await store.run(store.cluster_workers)  # reconcile may have changed rows
+        queued = await store.run(store.queued_jobs)
+        jobs, _ = await self.service.counts()
+        live_jobs = sum(jobs.get(s, 0) for s in ("queued", "assigned", "running"))
+        waiting, blocked = self.route(queued, workers)
+        changed = await store.run(store.set_blocked_reasons, blocked)
+        for job_id in changed:
+            self.service.changed("jobs", job_id)
+        now = self.clock()
+        for name, state in self.clusters.items():
+            mine = [w for w in workers if w["cluster"] == name]
+            state.view = ClusterView(
+                waiting=waiting.get(name, 0),
+                idle=sum(w["status"] == "idle" for w in mine),
+                busy=sum(w["status"] == "busy" for w in mine),
+                pending=state.seen.pending, live_jobs=live_jobs)
+            config = state.config.model_copy(update={"enabled": self.enabled(name)})
+            decision = decide(config, state.view)
+            previous_error, state.error = state.error, None
+            if decision.submit > 0:
+                try:
+                    done = await state.provider.submit(decision.submit)
+                    decision = Decision(done, decision.reason)
+                except ProviderError as exc:
+                    state.error = str(exc)
+                    # Once per distinct error: a cluster down for a day must not flood the log.
+                    if state.error != previous_error:
+                        log.warning("cluster %s: could not request %d worker(s): %s; trying "
+                                    "again every cycle", name, decision.submit, exc)
+                    decision = Decision(0, f"{decision.reason}; request failed")
+                except Exception as exc:
+                    state.error = f"{type(exc).__name__}: {exc}"
+                    log.exception("cluster %s: request failed", name)
+                    decision = Decision(0, f"{decision.reason}; request failed")
+                else:
+                    if done:
+                        log.info("cluster %s: requested %d worker(s): %s", name, done,
+                                 decision.reason)
+            elif state.view.waiting == 0:
+                try:
+                    await state.provider.scale_in(mine)
+                except Exception as exc:
+                    state.error = f"scale in: {exc}"
+                    log.warning("cluster %s: scale in failed: %s", name, exc)
+            if decision.submit or decision.reason != state.decision.reason:
+                self.service.changed("clusters", name)
+            state.decision, state.decided_at = decision, now
+
+    def route(self, queued: list[dict[str, Any]], workers: list[dict[str, Any]]
+              ) -> tuple[dict[str, int], dict[str, str | None]]:
+        """Queued jobs -> clusters, best first while they have room; and why the rest wait."""
+        room: dict[str, int] = {}
+        for name, state in self.clusters.items():
+            if not self.enabled(name):
+                continue
+            c = state.config
+            mine = [w for w in workers if w["cluster"] == name]
+            idle = sum(w["status"] == "idle" for w in mine)
+            alive = sum(w["status"] in ("idle", "busy") for w in mine) + state.seen.pending
+            can_ask = max(0, min(c.max_pending - state.seen.pending, c.max_workers - alive))
+            room[name] = idle + state.seen.pending + can_ask
+        waiting: dict[str, int] = {}
+        blocked: dict[str, str | None] = {}
+        for job in queued:
+            allowed = load_json(job["preferred_clusters"])
+            able = [n for n, s in self.clusters.items() if self.enabled(n)
+                    and s.gpus >= job["gpus"] and (allowed is None or n in allowed)]
+            if not able:
+                blocked[job["id"]] = self.why_blocked(job["gpus"], allowed)
+                continue
+            target = next((n for n in able if room[n] > 0), None)
+            if target is None:  # everyone able is full: it waits on the best of them
+                target = able[0]
+                blocked[job["id"]] = ("waiting for capacity: " + ", ".join(
+                    f"{n} is at its limits" for n in able))
+            else:
+                room[target] -= 1
+                blocked[job["id"]] = None
+            waiting[target] = waiting.get(target, 0) + 1
+        return waiting, blocked
+
+    def why_blocked(self, gpus: int, allowed: list[str] | None) -> str:
+        names = [n for n in self.clusters if allowed is None or n in allowed]
+        if allowed is not None:
+            unknown = [n for n in allowed if n not in self.clusters]
+            if not names:
+                return (f"preferred_clusters {', '.join(allowed)}: no such cluster is configured"
+                        if unknown else "no preferred cluster is configured")
+        enabled = [n for n in names if self.enabled(n)]
+        if not enabled:
+            scope = "of its preferred clusters " if allowed is not None else ""
+            if not names:
+                return "no cluster is configured (add one under `clusters:`, or set local_workers)"
+            return f"no {scope}cluster is enabled ({', '.join(names)} disabled)"
+        best = max(self.clusters[n].gpus for n in enabled)
+        return (f"needs {gpus} GPU(s); the enabled clusters' workers have at most {best} "
+                f"({', '.join(f'{n}: {self.clusters[n].gpus}' for n in enabled)})")
+
+    # ------------------------------------------------------------------ operator
+
+    def info(self, workers: list[dict[str, Any]]) -> list[ClusterInfo]:
+        out = []
+        for name, s in self.clusters.items():
+            mine = [w for w in workers if w["cluster"] == name]
+            out.append(ClusterInfo(
+                name=name, provider=s.config.provider, strategy=s.config.strategy,
+                enabled=self.enabled(name), priority=s.config.priority or 0, gpus=s.gpus,
+                max_pending=s.config.max_pending, max_workers=s.config.max_workers,
+                pending=s.seen.pending, idle=sum(w["status"] == "idle" for w in mine),
+                busy=sum(w["status"] == "busy" for w in mine), waiting=s.view.waiting,
+                last_decision=s.decision.reason, last_submitted=s.decision.submit,
+                last_decision_at=to_datetime(s.decided_at), last_error=s.error,
+                note=s.seen.note, details=s.seen.details))
+        return out
+
+    async def set_enabled(self, name: str, enabled: bool) -> None:
+        if name not in self.clusters:
+            known = ", ".join(self.clusters) or "none configured"
+            raise NotFound(f"no cluster {name!r} (clusters: {known})")
+        store = self.service.store
+        await store.run(store.set_cluster_enabled, name, enabled, self.clock())
+        self.switches[name] = enabled
+        log.info("cluster %s %s by operator", name, "enabled" if enabled else "disabled")
+        self.service.changed("clusters", name)
+
+    async def stop(self) -> None:
+        for name, state in self.clusters.items():
+            try:
+                await state.provider.stop()
+            except Exception:
+                log.exception("cluster %s: provider stop failed", name)
+
