@@ -26,7 +26,7 @@ from rich.table import Table
 
 from relaymd import __version__
 from relaymd.client import ApiError, Client, discover_token, discover_url
-from relaymd.config import ConfigError, Settings, load_settings
+from relaymd.config import ConfigError, Settings, default_config_path, load_settings
 from relaymd.models import ClusterInfo, Job, JobCreate, JobStatus, Worker
 
 STATUS_STYLE = {
@@ -189,6 +189,7 @@ def worker(ctx: click.Context, url: str | None, token: str | None, idle: str | N
            workdir: Path | None) -> None:
     """Run a worker: claim jobs, run their engine, ship checkpoints, hand back in time."""
     from relaymd.worker.main import run_worker, setup_worker_logging
+    from relaymd.worker.tailscale import TailscaleError
 
     settings = settings_of(ctx, url=url, worker_idle=idle, worker_workdir=workdir)
     setup_worker_logging()
@@ -199,7 +200,37 @@ def worker(ctx: click.Context, url: str | None, token: str | None, idle: str | N
         code = asyncio.run(run_worker(settings, discover_url(settings), bootstrap))
     except ApiError as exc:
         die(exc.message)
+    except TailscaleError as exc:
+        die(f"tailscale: {exc}")
     sys.exit(code)
+
+
+@main.group()
+def config() -> None:
+    """Check a configuration file."""
+
+
+@config.command("check")
+@click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@json_option
+@click.pass_context
+def config_check(ctx: click.Context, file: Path | None, as_json: bool) -> None:
+    """Validate FILE (default: the config in use) and print the effective configuration
+    (defaults, file, environment) with every secret masked."""
+    obj = ctx.find_root().obj or {}
+    path = file or obj.get("config")
+    try:
+        settings = load_settings(path, obj.get("overrides", {}))
+    except ConfigError as exc:
+        die(f"config is not valid: {exc}", 2)
+    effective = settings.model_dump(mode="json")  # SecretStr dumps as "**********"
+    if as_json:
+        click.echo(json.dumps(effective, indent=2))
+        return
+    source = path or default_config_path()
+    where = f"{source}" if Path(source).exists() else f"{source} (absent: defaults apply)"
+    click.echo(f"# config ok: {where}")
+    click.echo(yaml.safe_dump(effective, sort_keys=False), nl=False)
 
 
 @main.group()

@@ -81,14 +81,14 @@ def discover_token(settings: Settings, kind: str = "operator") -> str | None:
 
 class Client:
     def __init__(self, url: str, token: str | None, timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None, proxy: str | None = None) -> None:
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         if transport is None:
             # Without TCP_NODELAY a POST's body waits on the server's delayed ACK of its
             # headers (Nagle): ~40 ms per call instead of ~1 ms.
             transport = httpx.HTTPTransport(
-                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)], proxy=proxy)
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout,
                                  transport=transport)
 

@@ -83,6 +83,8 @@ class SlurmSettings(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)  # more variables for the worker
     min_segment: float = Field(default=600.0, ge=0)  # the worker claims only with this much left
     command_timeout: float = Field(default=30.0, gt=0)  # per sbatch/squeue/scontrol call
+    # squeue at most this often (sites frown on tight squeue loops); sooner after a submit.
+    squeue_interval: float = Field(default=30.0, ge=0)
     register_timeout: float = Field(default=900.0, gt=0)  # RUNNING but never registered: cancel
 
     @field_validator("time")
@@ -208,6 +210,10 @@ class Settings(BaseModel):
     min_segment: float = Field(default=600.0, ge=0)  # don't claim with less allocation left
     shutdown_wait: float = Field(default=90.0, gt=0)  # engine's time to write a last checkpoint
     retry_max_delay: float = Field(default=30.0, gt=0)  # cap of the backoff between retries
+    # Join a tailnet first when tailscale is in the image (see deploy/README.md).
+    tailscale_auth_key: SecretStr | None = None  # an ephemeral auth key; None: no tailnet
+    tailscale_proxy_port: int = Field(default=1055, ge=1, le=65535)
+    tailscale_hostname: str | None = None  # default relaymd-HOSTNAME
 
     @field_validator("clusters")
     @classmethod

@@ -247,3 +247,40 @@ def test_corrupt_tokens_file_is_refused(tmp_path: Path) -> None:
     settings.tokens_path.chmod(0o600)
     with pytest.raises(TokenFileError, match=re.escape(str(settings.tokens_path))):
         load_or_create_tokens(settings)
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "relaymd", *args], capture_output=True,
+                          text=True, env=env, timeout=60)
+
+
+def test_config_check_prints_the_effective_config_with_secrets_masked(tmp_path: Path) -> None:
+    path = config_file(tmp_path, """
+port: 9100
+s3_secret_access_key: s3-SECRET-value
+clusters:
+  - name: cloud
+    provider: salad
+    salad: {organization: o, project: p, container_group: g, api_key: salad-SECRET}
+""")
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path),
+           "RELAYMD_WORKER_TOKEN": "worker-SECRET", "RELAYMD_HEARTBEAT_INTERVAL": "20"}
+    out = run_cli("config", "check", str(path), env=env)
+    assert out.returncode == 0, out.stderr
+    assert "SECRET" not in out.stdout + out.stderr, "a secret was printed"
+    assert out.stdout.startswith(f"# config ok: {path}")
+    effective = yaml.safe_load(out.stdout)
+    assert (effective["port"], effective["heartbeat_interval"]) == (9100, 20.0)
+    assert effective["worker_token"] == effective["s3_secret_access_key"] == "**********"
+    assert effective["clusters"][0]["salad"]["api_key"] == "**********"
+    assert effective["local_workers"] == 1, "defaults are part of the effective config"
+    as_json = json.loads(run_cli("config", "check", str(path), "--json", env=env).stdout)
+    assert as_json == json.loads(json.dumps(effective))
+
+
+def test_config_check_refuses_an_invalid_file_naming_the_field(tmp_path: Path) -> None:
+    path = config_file(tmp_path, "clusters:\n  - {name: hpc, provider: slurm, strategy: eager}\n")
+    out = run_cli("config", "check", str(path), env={"PATH": os.environ["PATH"],
+                                                     "HOME": str(tmp_path)})
+    assert out.returncode == 2, out
+    assert "config is not valid" in out.stderr and "clusters.0.strategy" in out.stderr, out.stderr

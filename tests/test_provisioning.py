@@ -371,7 +371,7 @@ def test_slurm_reconcile_tells_unknown_from_dead(orch: RunningOrchestrator, tmp_
     (bin_dir / "scancel").write_text("#!/bin/sh\necho \"$@\" >> " + str(tmp_path / "cancelled") + "\n")
     for tool in ("squeue", "scontrol", "scancel"):
         (bin_dir / tool).chmod(0o755)
-    config = cluster(slurm={"bin_dir": str(bin_dir), "register_timeout": 30})
+    config = cluster(slurm={"bin_dir": str(bin_dir), "register_timeout": 30, "squeue_interval": 0})
     clock = [orch.service.clock()]
     provider = SlurmProvider(config, orch.settings, orch.service, orch.url, "token",
                              clock=lambda: clock[0])
@@ -415,3 +415,20 @@ def test_slurm_reconcile_tells_unknown_from_dead(orch: RunningOrchestrator, tmp_
     clock[0] += LIST_GRACE + 1
     _, row = look("gone")  # squeue: Invalid job id; scontrol: Invalid job id; no sacct
     assert [w.status for w in op.workers() if w.id == wid3] == ["gone"]
+
+
+def test_squeue_runs_at_most_every_squeue_interval(orch: RunningOrchestrator,
+                                                   tmp_path: Path) -> None:
+    from relaymd.server.provisioning.slurm import SlurmProvider
+
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text(f"#!/bin/sh\necho x >> {calls}\necho '903|PENDING|None'\n")
+    (bin_dir / "squeue").chmod(0o755)
+    provider = SlurmProvider(cluster(slurm={"bin_dir": str(bin_dir), "squeue_interval": 30}),
+                             orch.settings, orch.service, orch.url, "token")
+    orch.call(orch.service.add_placeholder("hpc", "slurm", "903", 1, "hpc:903"))
+    rows = orch.call(orch.service.store.run(orch.service.store.cluster_workers))
+    for _ in range(5):
+        assert orch.call(provider.reconcile(rows)).pending == 1
+    assert calls.read_text().count("x") == 1, "squeue ran more often than squeue_interval"

@@ -49,7 +49,7 @@ def slurm_cluster(tmp_path: Path, **slurm: Any) -> ClusterConfig:
             "time": "00:01:00", "signal_margin": 30, "gpus": 0, "cpus": 1,
             "worker_command": f"{sys.executable} -m relaymd worker",
             "output": str(tmp_path / "slurm-%j.out"), "min_segment": 5,
-            "command_timeout": 10, "register_timeout": 120,
+            "command_timeout": 10, "register_timeout": 120, "squeue_interval": 1,
             "env": {"RELAYMD_HOME": str(tmp_path / "worker-home"),
                     "RELAYMD_WORKER_WORKDIR": str(tmp_path / "work")},
             **slurm,

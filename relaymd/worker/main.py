@@ -32,6 +32,7 @@ from relaymd.worker.checkpoint import IncompleteCheckpoint, Signature, Watcher
 from relaymd.worker.engine import Engine
 from relaymd.worker.gateway import Gateway
 from relaymd.worker.hardware import detect_gpus, hostname, slurm_end_time
+from relaymd.worker.tailscale import join_tailnet
 
 log = logging.getLogger("relaymd.worker")
 STOP_GRACE = 10.0  # for a cancelled job or a lost lease: nobody waits for its checkpoint
@@ -435,5 +436,13 @@ def setup_worker_logging(level: int = logging.INFO) -> None:
 
 async def run_worker(settings: Settings, url: str, token: str) -> int:
     storage = settings.open_storage()
-    with Client(url, token) as client:
-        return await Worker(settings, client, storage).run()
+    key = settings.tailscale_auth_key
+    tailnet = await asyncio.to_thread(
+        join_tailnet, key.get_secret_value() if key else None, settings.tailscale_proxy_port,
+        settings.tailscale_hostname)
+    try:
+        with Client(url, token, proxy=tailnet.proxy if tailnet else None) as client:
+            return await Worker(settings, client, storage).run()
+    finally:
+        if tailnet is not None:
+            await asyncio.to_thread(tailnet.close)

@@ -107,7 +107,8 @@ class SlurmProvider:
         self.clock = clock
         self.submitted = 0
         self.first_running: dict[str, float] = {}  # placeholder SLURM id -> first seen RUNNING
-        self.last_pending = 0
+        self.last_note = ""
+        self.next_look = 0.0  # monotonic time of the next squeue
         self.script_dir = settings.home / "slurm" / cluster.name
 
     # ------------------------------------------------------------------ commands
@@ -238,6 +239,8 @@ class SlurmProvider:
                                 f"{(err or out).strip()[-400:] or 'no output'}")
         job_id = parse_sbatch(out)
         self.submitted += 1
+        # Look again soon: the new job's first state (and a quick failure) matter most.
+        self.next_look = min(self.next_look, time.monotonic() + 5.0)
         if not self.slurm.ssh:  # kept for the operator: what was submitted (no secrets in it)
             with contextlib.suppress(OSError):
                 (self.script_dir / f"{job_id}.sbatch").write_text(script)
@@ -293,15 +296,17 @@ class SlurmProvider:
                 and w["status"] in ("provisioning", "idle", "busy", "stale")]
         placeholders = [w for w in mine if w["status"] == "provisioning"]
         if not mine:
-            self.last_pending = 0
             return Seen(pending=0)
+        if time.monotonic() < self.next_look:  # between looks: our own rows are the truth
+            return Seen(pending=len(placeholders), note=self.last_note)
+        self.next_look = time.monotonic() + self.slurm.squeue_interval
         ids = sorted({w["provider_id"] for w in mine})
         try:
             states = await self.states(ids)
         except ProviderError as exc:
             log.warning("cluster %s: %s; keeping what we knew", self.cluster.name, exc)
-            self.last_pending = len(placeholders)
-            return Seen(pending=len(placeholders), note=f"squeue failed: {exc}")
+            self.last_note = f"squeue failed: {exc}"
+            return Seen(pending=len(placeholders), note=self.last_note)
         now = self.clock()
         pending = 0
         waiting_reasons: list[str] = []
@@ -334,10 +339,10 @@ class SlurmProvider:
                     waiting_reasons.append(why)
             await self.service.set_worker_note(w["id"], note)
             pending += 1
-        self.last_pending = pending
         note = ""
         if waiting_reasons:
             note = f"{len(waiting_reasons)} pending in SLURM: {', '.join(sorted(set(waiting_reasons)))}"
+        self.last_note = note
         return Seen(pending=pending, note=note)
 
     async def _ended(self, w: dict[str, Any], state: str, why: str) -> None:
