@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup system run serve test lint bench clean
+.PHONY: setup system run serve test test-binary binary lint bench clean
 
 setup: $(STAMP)
 
@@ -38,8 +38,20 @@ lint: setup
 test: setup system lint
 	$(BIN)/pytest -q
 
+# The operator CLI as one self-contained executable (dist/relaymd) for login nodes without a
+# Python environment. Slow (a minute or two), so not part of `make test`; CI runs test-binary.
+binary: setup
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[binary]"
+	$(BIN)/pyinstaller --noconfirm --clean --onefile --name relaymd --collect-data relaymd \
+	  --exclude-module openmm \
+	  --distpath dist --workpath build/pyinstaller --specpath build relaymd/__main__.py
+	./dist/relaymd --version
+
+test-binary: binary
+	$(BIN)/pytest -q tests/test_binary.py
+
 bench: setup
 	$(BIN)/python bench/control_plane.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache build dist

@@ -182,6 +182,16 @@ class Settings(BaseModel):
     tokens_file: Path | None = None  # default: {home}/tokens.json (0600)
     log_file: Path | None = None  # default: {home}/relaymd.log
 
+    # Where secrets (tokens, S3 keys, the Salad and Tailscale keys) come from: the environment
+    # (RELAYMD_* variables), a 0600 YAML/JSON file, or Infisical with the machine identity in
+    # INFISICAL_CLIENT_ID / INFISICAL_CLIENT_SECRET (one bootstrap credential per container).
+    secrets_provider: Literal["env", "file", "infisical"] = "env"
+    secrets_file: Path | None = None  # file: default {config dir}/secrets.yaml
+    infisical_site_url: str = "https://app.infisical.com"
+    infisical_project_id: str | None = None
+    infisical_environment: str = "prod"
+    infisical_path: str = "/"
+
     operator_token: SecretStr | None = None  # default: generated into tokens_file
     worker_token: SecretStr | None = None  # bootstrap token workers register with
 
@@ -225,7 +235,7 @@ class Settings(BaseModel):
             seen.add(c.name)
         return clusters
 
-    @field_validator("home", "database", "tokens_file", "log_file", "worker_workdir")
+    @field_validator("home", "database", "tokens_file", "log_file", "worker_workdir", "secrets_file")
     @classmethod
     def _expand_user(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser()
@@ -262,6 +272,14 @@ class Settings(BaseModel):
             secret_access_key=secret(self.s3_secret_access_key),
             read_base_url=self.s3_read_base_url, part_size=self.s3_part_size_mb * MiB,
             concurrency=self.s3_concurrency, max_attempts=self.s3_max_attempts))
+
+    def secret_values(self) -> list[str]:
+        """Every secret these settings hold, for the log redaction filter."""
+        values = [v.get_secret_value() for v in (getattr(self, f) for f in Settings.model_fields)
+                  if isinstance(v, SecretStr)]
+        values += [c.salad.api_key.get_secret_value() for c in self.clusters
+                   if c.salad is not None and c.salad.api_key is not None]
+        return [v for v in values if v]
 
     def storage_env(self) -> dict[str, str]:
         """RELAYMD_* variables that give a worker process this storage (secrets included: for a
@@ -311,6 +329,29 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+def _fetch_secrets(raw: dict[str, Any], config_path: Path,
+                   environ: Mapping[str, str]) -> dict[str, str]:
+    """Settings filled by the chosen secrets provider (below the environment and the command
+    line, above the config file). The `env` provider adds nothing: the environment layer already
+    reads RELAYMD_* variables."""
+    from relaymd.secrets import SecretsError, open_secrets, settings_from_secrets
+
+    kind = str(raw.get("secrets_provider") or "env")
+    if kind == "env":
+        return {}
+    file = raw.get("secrets_file")
+    try:
+        provider = open_secrets(
+            kind, environ=environ,
+            file=Path(str(file)).expanduser() if file else config_path.with_name("secrets.yaml"),
+            infisical={k: str(raw[f"infisical_{k}"]) for k in
+                       ("site_url", "project_id", "environment", "path")
+                       if raw.get(f"infisical_{k}") is not None})
+        return settings_from_secrets(provider.fetch())
+    except SecretsError as exc:
+        raise ConfigError(f"secrets: {exc}") from None
+
+
 def _format_errors(exc: ValidationError, sources: dict[str, str], fallback: str) -> str:
     """One line naming each bad field and where its value came from."""
     parts = []
@@ -351,10 +392,12 @@ def load_settings(
         raise ConfigError(f"{path}: config file not found (given by --config or RELAYMD_CONFIG)")
     env = _env_overrides(environ)
     flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    secrets = _fetch_secrets({**data, **env, **flags}, path, environ)
     sources = {k: str(path) for k in data}
+    sources.update({k: "secrets" for k in secrets})
     sources.update({k: f"environment ({ENV_PREFIX}{k.upper()})" for k in env})
     sources.update({k: "command line" for k in flags})
-    merged = {"home": default_home(environ), **data, **env, **flags}
+    merged = {"home": default_home(environ), **data, **secrets, **env, **flags}
     try:
         return Settings.model_validate(merged)
     except ValidationError as exc:

@@ -284,3 +284,98 @@ def test_config_check_refuses_an_invalid_file_naming_the_field(tmp_path: Path) -
                                                      "HOME": str(tmp_path)})
     assert out.returncode == 2, out
     assert "config is not valid" in out.stderr and "clusters.0.strategy" in out.stderr, out.stderr
+
+
+def test_secrets_from_a_file_fill_settings_below_the_environment(tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets.yaml"
+    secrets.write_text("RELAYMD_WORKER_TOKEN: from-file\nRELAYMD_S3_SECRET_ACCESS_KEY: s3-file\n")
+    secrets.chmod(0o600)
+    config = config_file(tmp_path, "secrets_provider: file\n")  # default: secrets.yaml beside it
+    s = load_settings(config, environ={"RELAYMD_S3_SECRET_ACCESS_KEY": "s3-env"})
+    assert s.worker_token is not None and s.worker_token.get_secret_value() == "from-file"
+    assert s.s3_secret_access_key is not None
+    assert s.s3_secret_access_key.get_secret_value() == "s3-env", "the environment must win"
+    secrets.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600") as err:
+        load_settings(config, environ={})
+    assert "from-file" not in str(err.value)
+
+
+def test_secrets_from_infisical_with_the_bootstrap_identity(tmp_path: Path) -> None:
+    from .infisical_fake import FakeInfisical
+
+    fake = FakeInfisical()
+    try:
+        fake.add_secrets("proj-1", "prod", {"RELAYMD_SALAD_API_KEY": "salad-from-infisical",
+                                            "RELAYMD_WORKER_TOKEN": "wt-from-infisical"},
+                         path="/relaymd")
+        config = config_file(tmp_path, f"""
+secrets_provider: infisical
+infisical_site_url: {fake.base_url}
+infisical_project_id: proj-1
+infisical_path: /relaymd
+""")
+        env = {"INFISICAL_CLIENT_ID": fake.identity.client_id,
+               "INFISICAL_CLIENT_SECRET": fake.identity.client_secret}
+        s = load_settings(config, environ=env)
+        assert s.salad_api_key is not None
+        assert s.salad_api_key.get_secret_value() == "salad-from-infisical"
+        assert s.worker_token is not None
+        assert s.worker_token.get_secret_value() == "wt-from-infisical"
+        with pytest.raises(ConfigError, match="secrets: infisical") as err:
+            load_settings(config, environ={**env, "INFISICAL_CLIENT_SECRET": "wrong-secret"})
+        assert "wrong-secret" not in str(err.value)
+    finally:
+        fake.close()
+
+
+def test_the_orchestrator_log_never_shows_a_configured_secret(tmp_path: Path) -> None:
+    import logging
+
+    from relaymd.secrets import RedactSecrets
+
+    from .conftest import RunningOrchestrator, make_settings
+
+    settings = make_settings(tmp_path / "home", worker_token="wt-SECRET-1234567890")
+    log_path = tmp_path / "o.log"
+    handler = logging.FileHandler(log_path)
+    logging.getLogger().addHandler(handler)
+    try:
+        running = RunningOrchestrator(settings).start()
+        try:
+            assert any(isinstance(f, RedactSecrets) for f in handler.filters)
+            logging.getLogger("relaymd.test").warning("oops, leaked %s", "wt-SECRET-1234567890")
+        finally:
+            running.stop()
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    text = log_path.read_text()
+    assert "oops, leaked ****" in text and "wt-SECRET" not in text, text
+
+
+def test_the_example_config_documents_every_setting_with_its_default(tmp_path: Path) -> None:
+    from relaymd.config import ClusterConfig, SaladSettings, SlurmSettings
+
+    path = Path(__file__).resolve().parent.parent / "deploy" / "config.example.yaml"
+    example = yaml.safe_load(path.read_text())
+    fields = set(Settings.model_fields)
+    assert set(example) == fields, \
+        f"missing: {fields - set(example)}, unknown: {set(example) - fields}"
+    defaults = Settings(home=Path("~/.local/share/relaymd")).model_dump(mode="json")
+    for name, value in example.items():
+        if name in ("home", "clusters"):
+            continue
+        assert value == defaults[name], f"{name}: example says {value!r}, default is {defaults[name]!r}"
+    slurm, salad = example["clusters"]
+    for section, model in ((slurm, ClusterConfig), (salad, ClusterConfig),
+                           (slurm["slurm"], SlurmSettings), (salad["salad"], SaladSettings)):
+        names = set(model.model_fields)
+        assert set(section) == names, (model.__name__, set(section) ^ names)
+    for key, value in slurm["slurm"].items():
+        default = SlurmSettings.model_fields[key].get_default(call_default_factory=True)
+        assert value == default, f"slurm.{key}: example {value!r}, default {default!r}"
+    # The file as a whole is a valid configuration.
+    copy = config_file(tmp_path, path.read_text())
+    settings = load_settings(copy, environ={})
+    assert [c.name for c in settings.clusters] == ["bigiron", "salad"]

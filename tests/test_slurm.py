@@ -239,3 +239,38 @@ def test_a_broken_sbatch_never_crashes_the_orchestrator_and_is_retried(
                  lambda: f"the job to complete once sbatch works\n{why(orch, tmp_path)}")
     finally:
         orch.stop()
+
+
+FAKE_SSH = """#!/bin/bash
+# Stand-in ssh: record the call, then run the remote command here (same machine, same SLURM).
+echo "$*" >> {log}
+while [ "$1" = -o ]; do shift 2; done
+host=$1; shift
+exec bash -c "$*"
+"""
+
+
+def test_a_cluster_behind_ssh_submits_and_watches_through_it(
+        slurm: None, tmp_path: Path, cleanup: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    bin_dir, log = tmp_path / "sshbin", tmp_path / "ssh.log"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text(FAKE_SSH.format(log=log))
+    (bin_dir / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    orch = start(tmp_path, slurm_cluster(tmp_path, ssh="login.example.org"))
+    try:
+        op = orch.operator()
+        job_id = submit_stepper(orch, tmp_path, total=20, step_s=0.05, every=5)
+        wait_for(lambda: op.get_job(job_id).status == "completed", 120,
+                 lambda: f"the job to complete via ssh\n{why(orch, tmp_path)}")
+        calls = log.read_text().splitlines()
+        assert any(c.endswith("login.example.org bash -s") for c in calls), calls
+        assert any("login.example.org squeue -h -t all -j" in c for c in calls), calls
+        token = orch.tokens()["worker"]
+        assert not any(token in c for c in calls), "the bootstrap token was on ssh's command line"
+        (script,) = (orch.settings.home / "slurm" / "dev").glob("*.sbatch")
+        text = script.read_text()
+        assert "--signal=B:TERM@30" in text and f"exec {sys.executable} -m relaymd worker" in text
+        assert token not in text, "a secret was written into the job script"
+    finally:
+        orch.stop()

@@ -25,6 +25,7 @@ import uvicorn
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from relaymd.config import Settings
+from relaymd.secrets import redact_logs
 from relaymd.server.api import create_app
 from relaymd.server.auth import Authenticator, load_or_create_tokens
 from relaymd.server.metrics import Metrics
@@ -164,6 +165,7 @@ class Orchestrator:
             except Exception as exc:
                 raise OrchestratorError(f"storage {settings.storage}: {exc}") from None
             tokens = load_or_create_tokens(settings)
+            redact_logs([*settings.secret_values(), tokens.operator, tokens.worker])
             sock = self._bind()
             await self.store.open()
             self.service = Service(settings, self.store, storage, Authenticator(tokens),

@@ -26,6 +26,7 @@ from typing import Any
 from relaymd.client import ApiError, Client
 from relaymd.config import Settings
 from relaymd.models import Assignment, CheckpointReport, Progress, WorkerRegister, to_datetime
+from relaymd.secrets import redact_logs
 from relaymd.storage import Storage, log_key
 from relaymd.storage.bundle import BundleError, extract_bundle
 from relaymd.worker.checkpoint import IncompleteCheckpoint, Signature, Watcher
@@ -122,6 +123,7 @@ class Worker:
             vram_gb=gpus.vram_gb, wall_time_end=to_datetime(self.wall_time_end))
         reg = await self.gateway.call("register", self.client.register, req)
         self.client.set_token(reg.token)
+        redact_logs([reg.token])
         self.worker_id = reg.worker_id
         self.heartbeat_interval = reg.heartbeat_interval
         self.heartbeat_timeout = reg.heartbeat_timeout
@@ -435,6 +437,7 @@ def setup_worker_logging(level: int = logging.INFO) -> None:
 
 
 async def run_worker(settings: Settings, url: str, token: str) -> int:
+    redact_logs([*settings.secret_values(), token])
     storage = settings.open_storage()
     key = settings.tailscale_auth_key
     tailnet = await asyncio.to_thread(

@@ -227,8 +227,7 @@ class SlurmProvider:
         if "\nRELAYMD_SBATCH_EOF\n" in f"\n{script}\n":
             raise TemplateError(f"cluster {self.cluster.name}: the job script contains the "
                                 "line RELAYMD_SBATCH_EOF, which ends its here-document")
-        if not self.slurm.ssh:
-            self.script_dir.mkdir(parents=True, exist_ok=True)
+        self.script_dir.mkdir(parents=True, exist_ok=True)
         exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
         sbatch = shlex.join(self._argv_local("sbatch") + ["--parsable"])
         program = (f"set -e\n{exports}exec {sbatch} <<'RELAYMD_SBATCH_EOF'\n{script}\n"
@@ -241,9 +240,8 @@ class SlurmProvider:
         self.submitted += 1
         # Look again soon: the new job's first state (and a quick failure) matter most.
         self.next_look = min(self.next_look, time.monotonic() + 5.0)
-        if not self.slurm.ssh:  # kept for the operator: what was submitted (no secrets in it)
-            with contextlib.suppress(OSError):
-                (self.script_dir / f"{job_id}.sbatch").write_text(script)
+        with contextlib.suppress(OSError):  # for the operator: what was submitted (no secrets)
+            (self.script_dir / f"{job_id}.sbatch").write_text(script)
         await self.service.add_placeholder(self.cluster.name, "slurm", job_id,
                                            self.slurm.gpus, f"{self.cluster.name}:{job_id}")
         log.info("cluster %s: submitted SLURM job %s (%s, signal %ds before the end)",
