@@ -226,6 +226,10 @@ class Client:
         return self._post(f"/api/v1/jobs/{job_id}/checkpoints/reserve", CheckpointReserved,
                           {"attempt": attempt})
 
+    def reject_checkpoint(self, job_id: str, seq: int, attempt: int, reason: str) -> Job:
+        return self._post(f"/api/v1/jobs/{job_id}/checkpoints/{seq}/reject", Job,
+                          {"attempt": attempt, "reason": reason[:500]})
+
     def report_checkpoint(self, job_id: str, report: CheckpointReport) -> Job:
         return self._post(f"/api/v1/jobs/{job_id}/checkpoints", Job, report)
 

@@ -264,6 +264,12 @@ class HeartbeatReply(BaseModel):
     reason: str = ""
 
 
+class CheckpointRef(BaseModel):
+    seq: int
+    key: str
+    sha256: str
+
+
 class Assignment(BaseModel):
     """What a worker gets from a successful claim."""
 
@@ -272,6 +278,15 @@ class Assignment(BaseModel):
     bundle_key: str
     checkpoint_key: str | None  # newest accepted checkpoint to resume from
     checkpoint_sha256: str | None
+    checkpoint_seq: int | None = None
+    # The older accepted checkpoints, newest first: where to resume if the newest turns out
+    # corrupt in storage (sha256 mismatch) or gone.
+    older_checkpoints: list[CheckpointRef] = Field(default_factory=list)
+
+
+class CheckpointRejected(Strict):
+    attempt: int = Field(ge=1)
+    reason: str = Field(default="corrupt in storage", max_length=500)
 
 
 class Lease(Strict):

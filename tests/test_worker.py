@@ -424,9 +424,16 @@ def test_engine_failure_is_reported_with_its_log_and_only_failures_count(
     d = op.get_job(job_id)
     assert (d.status, d.failures) == ("queued", 0), f"after hand-off: {d.status}, {d.failures}"
 
-    w = start_worker(orch, tmp_path)  # fails it twice: max_attempts
-    assert w.wait(30) == 0, f"worker exit status {w.returncode} ({why(tmp_path)})"
+    # A worker is not given a job it failed on: each failure is a different worker's.
+    w = start_worker(orch, tmp_path, "w1")
+    assert w.wait(30) == 0, f"worker exit status {w.returncode} ({why(tmp_path, 'w1')})"
     d = op.get_job(job_id)
+    assert (d.status, d.failures) == ("queued", 1), f"after w1: {d.status}, {d.failures}"
+    w = start_worker(orch, tmp_path, "w2")
+    assert w.wait(30) == 0, f"worker exit status {w.returncode} ({why(tmp_path, 'w2')})"
+    d = op.get_job(job_id)
+    fails = [e.worker_id for e in d.events if e.kind == "fail"]
+    assert len(set(fails)) == 2, f"one worker failed the job twice: {fails}"
     assert (d.status, d.failures, d.attempt) == ("failed", 2, 3), \
         f"job {d.status} failures={d.failures} attempt={d.attempt}; want failed, 2, 3"
     assert d.last_failure is not None and d.last_failure.exit_code == 3, \
@@ -576,6 +583,29 @@ def test_corrupt_resume_checkpoint_fails_the_attempt_never_a_fresh_start(
     assert d.last_failure is not None and key in d.last_failure.reason, \
         f"failure reason does not name {key}: {d.last_failure}"
     assert steps_done(tmp_path, job_id) == 0, "the engine started anyway (a silent fresh start)"
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_good_one(
+        orch: RunningOrchestrator, tmp_path: Path) -> None:
+    total = 30
+    job_id = submit_stepper(orch, tmp_path, total=total, every=5, max_attempts=1)
+    op = orch.operator()
+    plant_checkpoint(orch, job_id, {"n": 10, "x": expected_result(10)})
+    newest = plant_checkpoint(orch, job_id, {"n": 20, "x": expected_result(20)})
+    storage = orch.settings.open_storage()
+    blob = bytearray(storage.get_bytes(newest))
+    blob[len(blob) // 2] ^= 0xFF  # same size, different sha256: corrupt at rest
+    storage.put_bytes(newest, bytes(blob), overwrite=True)
+    w = start_worker(orch, tmp_path)
+    assert w.wait(60) == 0, why(tmp_path)
+    d = op.get_job(job_id)
+    assert (d.status, d.failures) == ("completed", 0), f"{d.status}: {d.last_failure}"
+    assert final_result(orch, job_id, tmp_path) == {"x": expected_result(total), "n": total}
+    assert steps_done(tmp_path, job_id) == total - 10, "did not resume from the good checkpoint"
+    rejected = [e for e in d.events if e.kind == "checkpoint_rejected"]
+    assert [e.seq for e in rejected] == [2] and "sha256" in rejected[0].reason, \
+        [(e.kind, e.seq, e.reason) for e in d.events]
+    assert 2 not in [c.seq for c in d.checkpoint_list], "the corrupt checkpoint is still listed"
 
 
 # --------------------------------------------------------------------------- allocation end

@@ -23,6 +23,7 @@ from starlette.routing import Route
 
 from relaymd import __version__
 from relaymd.models import (
+    CheckpointRejected,
     CheckpointReport,
     Complete,
     Conflict,
@@ -278,6 +279,17 @@ class Api:
         rep = await self.body(request, CheckpointReport)
         return ok(await self.service.report_checkpoint(p.worker_id, self.job_id(request), rep))
 
+    async def reject(self, request: Request, p: Principal | None) -> Response:
+        assert p is not None and p.worker_id is not None
+        body = await self.body(request, CheckpointRejected)
+        text = request.path_params["seq"]
+        if not (text.isascii() and text.isdigit() and 0 < len(text) < 12):
+            raise HTTPError(400, "bad_request", f"checkpoint seq {text[:40]!r} must be a positive "
+                            "integer")
+        seq = int(text)
+        return ok(await self.service.reject_checkpoint(p.worker_id, self.job_id(request), seq,
+                                                       body.attempt, body.reason))
+
     async def release(self, request: Request, p: Principal | None) -> Response:
         assert p is not None and p.worker_id is not None
         rel = await self.body(request, Release)
@@ -320,6 +332,9 @@ class Api:
             Route(f"{v1}/jobs/{{job_id}}/checkpoints/reserve", e("reserve", "worker",
                                                                   self.reserve), methods=["POST"]),
             Route(f"{v1}/jobs/{{job_id}}/checkpoints", e("checkpoint", "worker", self.report),
+                  methods=["POST"]),
+            Route(f"{v1}/jobs/{{job_id}}/checkpoints/{{seq}}/reject", e("reject", "worker",
+                                                                        self.reject),
                   methods=["POST"]),
             Route(f"{v1}/jobs/{{job_id}}/release", e("release", "worker", self.release),
                   methods=["POST"]),

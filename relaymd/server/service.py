@@ -26,6 +26,7 @@ from relaymd.models import (
     Assignment,
     BundleSpec,
     BundleUploaded,
+    CheckpointRef,
     CheckpointReport,
     CheckpointReserved,
     ClusterInfo,
@@ -404,10 +405,24 @@ class Service:
         self.changed("workers", worker_id)
         seq = row["latest_checkpoint"]
         cp = await self.store.run(self.store.get_checkpoint, row["id"], seq) if seq else None
+        older = [CheckpointRef(seq=c["seq"], key=c["key"], sha256=c["sha256"])
+                 for c in reversed(await self.store.run(self.store.list_checkpoints, row["id"]))
+                 if seq is not None and c["seq"] < seq]
         return Assignment(job=job_from_row(row), attempt=row["attempt"],
                           bundle_key=bundle_key(row["id"]),
                           checkpoint_key=cp["key"] if cp else None,
-                          checkpoint_sha256=cp["sha256"] if cp else None)
+                          checkpoint_sha256=cp["sha256"] if cp else None,
+                          checkpoint_seq=cp["seq"] if cp else None, older_checkpoints=older)
+
+    async def reject_checkpoint(self, worker_id: str, job_id: str, seq: int, attempt: int,
+                                reason: str) -> Job:
+        await self._check_holder(worker_id, job_id)
+        row = await self.machine.reject_checkpoint(job_id, worker_id, attempt, seq, reason)
+        log.warning("job %s: checkpoint %d rejected by worker %s (%s); resuming from %s",
+                    job_id[:8], seq, worker_id[:8], reason,
+                    row["latest_checkpoint"] or "no checkpoint")
+        self.changed("jobs", job_id)
+        return job_from_row(row)
 
     def cluster_priority(self, cluster: str, provider: str) -> int:
         for c in self.settings.clusters:

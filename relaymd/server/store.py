@@ -356,7 +356,9 @@ class Store:
     ) -> dict[str, Any] | None:
         """Assign the best queued job this worker can run, in one conditional write.
 
-        A job with `preferred_clusters` is only for workers of those clusters. `better` lists
+        A job with `preferred_clusters` is only for workers of those clusters; a job is never
+        given back to a worker it failed on (a full disk or a bad GPU must not use up a job's
+        whole failure budget on one node). `better` lists
         the (gpus, cluster) of idle workers that rank above this one: each is set aside the
         first queued job it could run, and this worker takes the first job nobody better is
         set aside for (none left: no claim). All writes are serialised on this thread, so the
@@ -376,8 +378,10 @@ class Store:
                    WHERE status = 'queued' AND gpus <= ?
                      AND (preferred_clusters IS NULL OR EXISTS (
                           SELECT 1 FROM json_each(jobs.preferred_clusters) WHERE value = ?))
+                     AND NOT EXISTS (SELECT 1 FROM events e WHERE e.job_id = jobs.id
+                                     AND e.kind = 'fail' AND e.worker_id = ?)
                    ORDER BY priority DESC, created_at, rowid LIMIT ?""",
-                [gpus, cluster, len(better) + 1],
+                [gpus, cluster, worker_id, len(better) + 1],
             ).fetchall()
             spare = list(better)
             chosen = None
@@ -484,6 +488,38 @@ class Store:
                 self.conn.execute("ROLLBACK")
             raise
         return bool(gone)
+
+    def reject_checkpoint(self, job_id: str, worker_id: str, attempt: int, seq: int,
+                          event: dict[str, Any]) -> dict[str, Any] | None:
+        """Forget an accepted checkpoint found corrupt, by the job's current lease holder: the
+        pointer falls back to the newest one left. None (nothing written) when the lease does
+        not hold; the job row, unchanged, when the checkpoint is not (or no longer) accepted."""
+        self._begin()
+        try:
+            job = self.conn.execute(
+                "SELECT * FROM jobs WHERE id = ? AND worker_id = ? AND attempt = ? "
+                "AND status IN ('assigned', 'running')", [job_id, worker_id, attempt]).fetchone()
+            if job is None:
+                self.conn.execute("ROLLBACK")
+                return None
+            gone = self.conn.execute("DELETE FROM checkpoints WHERE job_id = ? AND seq = ?",
+                                     [job_id, seq]).rowcount
+            if not gone:
+                self.conn.execute("COMMIT")
+                return dict(job)
+            row = self.conn.execute(
+                """UPDATE jobs SET latest_checkpoint = (SELECT MAX(seq) FROM checkpoints
+                                                      WHERE job_id = jobs.id),
+                                   checkpoints = checkpoints - 1, updated_at = ?
+                   WHERE id = ? RETURNING *""", [event["at"], job_id]).fetchone()
+            self._event({**event, "job_id": job_id, "from_status": job["status"],
+                         "to_status": job["status"], "seq": seq})
+            self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+        return dict(row)
 
     def get_checkpoint(self, job_id: str, seq: int) -> dict[str, Any] | None:
         row = self.conn.execute(

@@ -282,6 +282,20 @@ class StateMachine:
                 status=Expr("CASE WHEN status = 'busy' THEN 'stale' ELSE status END")),
             event=self._event("lose", reason, worker_id, attempt=attempt)))
 
+    async def reject_checkpoint(self, job_id: str, worker_id: str, attempt: int, seq: int,
+                                reason: str) -> dict[str, Any]:
+        """The lease holder found accepted checkpoint `seq` corrupt: forget it (the job's state
+        is unchanged; its resume point falls back to the newest good checkpoint)."""
+        row = await self.store.run(self.store.reject_checkpoint, job_id, worker_id, attempt, seq,
+                                   self._event("checkpoint_rejected", reason, worker_id,
+                                               attempt=attempt))
+        if row is not None:
+            return row
+        job = await self._get(job_id)
+        raise TransitionConflict(job_id, job["status"], job["status"], job["attempt"],
+                                 f"job {job_id[:8]}: attempt {attempt} of worker {worker_id[:8]} "
+                                 "does not hold it; cannot reject its checkpoints")
+
     async def _get(self, job_id: str) -> dict[str, Any]:
         job = await self.store.run(self.store.get_job, job_id)
         if job is None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from relaymd.client import ApiError, Client
-from relaymd.storage import IntegrityError, StorageError
+from relaymd.storage import IntegrityError, ObjectNotFound, StorageError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -24,8 +24,10 @@ T = TypeVar("T")
 def retryable(exc: BaseException) -> bool:
     if isinstance(exc, ApiError):
         return exc.status == 0 or exc.status >= 500
-    if isinstance(exc, IntegrityError):
-        return False  # the bytes are wrong, not the link: fetching them again cannot help
+    if isinstance(exc, IntegrityError | ObjectNotFound):
+        # The bytes are wrong or gone (objects are immutable; the orchestrator saw each one
+        # before accepting it), not the link: fetching again cannot help.
+        return False
     return isinstance(exc, StorageError | OSError | TimeoutError)
 
 

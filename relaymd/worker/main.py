@@ -25,9 +25,16 @@ from typing import Any
 
 from relaymd.client import ApiError, Client
 from relaymd.config import Settings
-from relaymd.models import Assignment, CheckpointReport, Progress, WorkerRegister, to_datetime
+from relaymd.models import (
+    Assignment,
+    CheckpointReport,
+    CheckpointReserved,
+    Progress,
+    WorkerRegister,
+    to_datetime,
+)
 from relaymd.secrets import redact_logs
-from relaymd.storage import Storage, log_key
+from relaymd.storage import IntegrityError, ObjectNotFound, Storage, log_key
 from relaymd.storage.bundle import BundleError, extract_bundle
 from relaymd.worker.checkpoint import IncompleteCheckpoint, Signature, Watcher
 from relaymd.worker.engine import Engine
@@ -36,6 +43,7 @@ from relaymd.worker.hardware import detect_gpus, hostname, slurm_end_time
 from relaymd.worker.tailscale import join_tailnet
 
 log = logging.getLogger("relaymd.worker")
+LOW_DISK = 64 << 20  # bytes free below which a failure is blamed on the disk too
 STOP_GRACE = 10.0  # for a cancelled job or a lost lease: nobody waits for its checkpoint
 SETTLE_LOOKS = 5  # looks, `settle_seconds` apart, before a moving set waits for the next poll
 
@@ -223,15 +231,42 @@ class Worker:
                 raise PrepareError(f"cannot prepare bundle {a.bundle_key}: {exc}") from None
             if a.checkpoint_key is None:
                 return
-            ckpt = Path(tmp) / "checkpoint.tar.gz"
+            await self.restore(a, job_dir, Path(tmp) / "checkpoint.tar.gz")
+
+    async def restore(self, a: Assignment, job_dir: Path, ckpt: Path) -> None:
+        """Unpack the newest accepted checkpoint; one that is corrupt in storage (sha256
+        mismatch, gone, not a valid archive) is reported and the next older one is tried. Never
+        a silent fresh start: with no usable checkpoint left the attempt fails."""
+        assert a.checkpoint_key is not None and a.checkpoint_sha256 is not None
+        candidates = [(a.checkpoint_seq, a.checkpoint_key, a.checkpoint_sha256)]
+        candidates += [(c.seq, c.key, c.sha256) for c in a.older_checkpoints]
+        rejected = []
+        for seq, key, sha in candidates:
             try:
-                await self.gateway.call("download checkpoint", self.storage.get_file,
-                                        a.checkpoint_key, ckpt,
-                                        expected_sha256=a.checkpoint_sha256, give_up_after=300)
+                await self.gateway.call("download checkpoint", self.storage.get_file, key, ckpt,
+                                        expected_sha256=sha, give_up_after=300)
                 await asyncio.to_thread(extract_bundle, ckpt, job_dir)
-            except Exception as exc:
-                # Never a silent fresh start: the expected resume point is unusable.
-                raise PrepareError(f"cannot restore checkpoint {a.checkpoint_key}: {exc}") from None
+            except (IntegrityError, ObjectNotFound, BundleError) as exc:
+                log.error("checkpoint %s is unusable: %s", key, exc,
+                          extra={"job_id": a.job.id})
+                rejected.append(key)
+                # Forget it only when an older one is left to try: the last resume point is
+                # kept, so the job fails (for an operator to look at) rather than later
+                # restarting from scratch with nothing to resume from.
+                if seq is not None and len(rejected) < len(candidates):
+                    with contextlib.suppress(ApiError):
+                        await self.gateway.call("reject checkpoint", self.client.reject_checkpoint,
+                                                a.job.id, seq, a.attempt, str(exc),
+                                                give_up_after=60)
+                continue
+            except Exception as exc:  # storage unreachable for minutes: not the checkpoint's fault
+                raise PrepareError(f"cannot restore checkpoint {key}: {exc}") from None
+            if rejected:
+                log.warning("resumed from older checkpoint %s (newer unusable: %s)", key,
+                            ", ".join(rejected), extra={"job_id": a.job.id})
+            return
+        raise PrepareError(f"no usable checkpoint for job {a.job.id[:8]} (unusable: "
+                           f"{', '.join(rejected)}); refusing to start it from scratch")
 
     async def run_job(self, a: Assignment) -> None:
         job = a.job
@@ -285,6 +320,17 @@ class Worker:
                 await engine.stop(STOP_GRACE)
             await self.upload_log(run, engine)
 
+    def disk_note(self) -> str:
+        """Why an engine may really have died: the worker's own disk is (nearly) full."""
+        try:
+            free = shutil.disk_usage(self.settings.workdir).free
+        except OSError:
+            return ""
+        if free >= LOW_DISK:
+            return ""
+        return (f"; the worker's disk holding {self.settings.workdir} is full "
+                f"({free / (1 << 20):.1f} MiB free)")
+
     async def end_exited(self, run: JobRun, watcher: Watcher, engine: Engine, code: int) -> None:
         log.info("engine exited", extra={"job_id": run.job_id, "exit_code": code})
         if code == 0:
@@ -292,7 +338,8 @@ class Worker:
             await self.settle("complete", run, checkpoint=report)
         else:
             await self.settle("fail", run, exit_code=code,
-                              reason=f"engine exited with code {code}", log_tail=engine.tail())
+                              reason=f"engine exited with code {code}{self.disk_note()}",
+                              log_tail=engine.tail())
 
     async def end_stopped(self, run: JobRun, watcher: Watcher, engine: Engine) -> None:
         reason = run.stop_reason
@@ -358,6 +405,16 @@ class Worker:
                 run.stop("lease_lost")
             log.warning("cannot reserve a checkpoint: %s", exc.message)
             return None
+        try:
+            return await self._pack_and_upload(run, watcher, sig, reserved)
+        except OSError as exc:  # ENOSPC and friends on the worker's own disk: not fatal
+            log.error("checkpoint %s not packed: %s (is %s full?); the last accepted checkpoint "
+                      "stands", reserved.seq, exc, self.settings.workdir,
+                      extra={"job_id": run.job_id})
+            return None
+
+    async def _pack_and_upload(self, run: JobRun, watcher: Watcher, sig: Signature,
+                               reserved: CheckpointReserved) -> CheckpointReport | None:
         with tempfile.TemporaryDirectory(dir=self.settings.workdir) as tmp:
             try:
                 packed = await asyncio.to_thread(watcher.pack, sig, Path(tmp) / "ckpt.tar.gz")
@@ -380,7 +437,7 @@ class Worker:
             except Exception as exc:
                 log.error("checkpoint %s upload failed: %s", reserved.seq, exc)
                 return None
-        watcher.mark_uploaded(sig)
+            watcher.mark_uploaded(sig)
         return CheckpointReport(attempt=run.attempt, seq=reserved.seq, sha256=packed.sha256,
                                 size=packed.size, progress=progress)
 

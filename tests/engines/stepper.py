@@ -3,7 +3,9 @@
 Computes x_{n+1} = (a*x_n + n) mod m for TOTAL steps, one step per STEP_S seconds, writes its state
 atomically (temp, fsync, rename) every EVERY steps to state.json, resumes from state.json if
 present, writes progress.json, and on SIGTERM writes a final checkpoint and exits with
-TERM_EXIT (0 by default; AToM-OpenMM exits 1). FAIL_AT makes it exit 3 at that step.
+TERM_EXIT (0 by default; AToM-OpenMM exits 1). FAIL_AT makes it exit 3 at that step. PAD_AT
+writes PAD_MB of scratch output (pad.bin, not part of a checkpoint) at that step, as an engine
+writing trajectory frames does: on a full disk it dies there with ENOSPC.
 """
 
 import json
@@ -17,6 +19,8 @@ EVERY = int(os.environ.get("EVERY", "5"))
 STEP_S = float(os.environ.get("STEP_S", "0.02"))
 FAIL_AT = int(os.environ.get("FAIL_AT", "-1"))
 TERM_EXIT = int(os.environ.get("TERM_EXIT", "0"))
+PAD_AT = int(os.environ.get("PAD_AT", "-1"))
+PAD_MB = int(os.environ.get("PAD_MB", "0"))
 A, M = 1103515245, 2**31
 
 
@@ -48,6 +52,12 @@ def main() -> int:
                 save(n, x)
                 print(f"SIGTERM at step {n}", flush=True)
                 return TERM_EXIT
+            if n == PAD_AT:
+                with open("pad.bin", "wb") as pad:
+                    for _ in range(PAD_MB):
+                        pad.write(b"\0" * (1 << 20))
+                    pad.flush()
+                    os.fsync(pad.fileno())
             if n == FAIL_AT:
                 print(f"failing at step {n}", file=sys.stderr, flush=True)
                 return 3
