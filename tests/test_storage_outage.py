@@ -74,3 +74,29 @@ def test_a_storage_outage_mid_job_loses_nothing(orch: RunningOrchestrator, link:
     assert final_result(orch, job_id, tmp_path) == {"x": expected_result(total), "n": total}
     assert w.wait(30) == 0, why(tmp_path)
     assert "Traceback" not in worker_log(tmp_path), "the outage produced a traceback"
+
+
+def test_a_storage_outage_during_the_resume_download_waits_and_loses_nothing(
+        orch: RunningOrchestrator, link: CuttableTcpProxy, tmp_path: Path) -> None:
+    total = 40
+    job_id = submit_stepper(orch, tmp_path, total=total, every=10, step_s=0.02)
+    op = orch.operator()
+    w1 = start_worker(orch, tmp_path, "w1")
+    wait_accepted(op, job_id, tmp_path, "w1", timeout=30)
+    w1.terminate()  # a hand-off: the next worker must download bundle + checkpoint
+    assert w1.wait(30) == 0
+    released = op.get_job(job_id)
+    assert released.status == "queued" and released.latest_checkpoint, released.status
+    link.cut()
+    w2 = start_worker(orch, tmp_path, "w2")
+    wait_for(lambda: "download bundle failed" in worker_log(tmp_path, "w2")
+             or "download checkpoint failed" in worker_log(tmp_path, "w2"), 30,
+             lambda: f"a download to fail while storage is down ({why(tmp_path, 'w2')})")
+    assert op.get_job(job_id).status in ("assigned", "running")
+    time.sleep(1.0)
+    link.restore()
+    assert w2.wait(90) == 0, why(tmp_path, "w2")
+    done = op.get_job(job_id)
+    assert (done.status, done.failures) == ("completed", 0), f"{done.status}: {done.last_failure}"
+    assert final_result(orch, job_id, tmp_path) == {"x": expected_result(total), "n": total}
+    assert steps_done(tmp_path, job_id) < 2 * total, "the second attempt started from scratch"
