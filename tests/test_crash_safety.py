@@ -121,3 +121,44 @@ def test_kill_9_of_the_orchestrator_loses_nothing_and_the_worker_carries_on(
         if worker is not None and worker.poll() is None:
             worker.kill()
         served.stop()
+
+
+def test_an_outage_longer_than_the_heartbeat_timeout_recovers_the_running_job(
+        tmp_path: Path) -> None:
+    """The worker stops its engine once the lease can no longer be vouched for; when the
+    orchestrator is back, the job must not stay held by a worker that no longer runs it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    served = Served(home, free_port())
+    served.env["RELAYMD_HEARTBEAT_TIMEOUT"] = "3"
+    served.start()
+    worker = None
+    try:
+        orch = Shim(served)
+        total = 200
+        job_id = submit_stepper(orch, tmp_path, total=total, every=10, step_s=0.05)  # type: ignore[arg-type]
+        env = {**served.env, "RELAYMD_URL": served.url, "RELAYMD_WORKER_IDLE": "poll_then_exit",
+               "RELAYMD_WORKER_POLL_INTERVAL": "0.5", "RELAYMD_WORKER_POLL_MAX": "20",
+               "RELAYMD_WORKER_WORKDIR": str(tmp_path / "work")}
+        with open(tmp_path / "worker.log", "w") as log:
+            worker = subprocess.Popen([sys.executable, "-m", "relaymd", "worker"], env=env,
+                                      stdout=log, stderr=subprocess.STDOUT)
+        op = served.operator()
+        wait_for(lambda: (op.get_job(job_id).latest_checkpoint or 0) >= 2, 60, "checkpoints")
+        served.kill9()
+        wait_for(lambda: "the lease is lost" in (tmp_path / "worker.log").read_text(), 30,
+                 "the worker to give up the lease while the orchestrator is down")
+        served.start()
+        op = served.operator()
+        done = wait_for(lambda: (lambda j: j if j.status == "completed" else None)(
+            op.get_job(job_id)), 120,
+            lambda: f"the job to complete after the outage: {op.get_job(job_id).status}, "
+                    f"{[(e.kind, e.reason) for e in op.get_job(job_id).events[-4:]]}")
+        assert done.failures == 0, done.last_failure
+        assert any(e.kind == "lose" and "no longer runs it" in e.reason for e in done.events), \
+            [(e.kind, e.reason) for e in done.events]
+        assert final_result(orch, job_id, tmp_path) == {"x": expected_result(total), "n": total}  # type: ignore[arg-type]
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+        served.stop()

@@ -303,6 +303,8 @@ class Service:
             await self.machine.change_worker(worker_id, "revive", "heartbeat after silence")
             self.changed("workers", worker_id)
         if job_id is None:
+            if status == WorkerStatus.busy:
+                await self._drop_forgotten_job(worker_id)
             return HeartbeatReply()
         if job is None:
             raise NotFound(f"no job {job_id}")
@@ -321,6 +323,28 @@ class Service:
         if progress is not None:
             self._progress[job_id] = (worker_id, attempt, progress)
         return HeartbeatReply()
+
+    async def _drop_forgotten_job(self, worker_id: str) -> None:
+        """A busy worker heartbeats without a job: it gave the job up (say, it stopped its
+        engine while the orchestrator was unreachable for longer than the heartbeat timeout).
+        Put the job back in the queue and let the worker claim again, instead of leaving the job
+        held by someone who is not working on it. A job claimed moments ago is left alone: a
+        heartbeat sent while that claim was in flight says nothing about it."""
+        worker = await self.store.run(self.store.get_worker, worker_id)
+        if worker is None or worker["status"] != WorkerStatus.busy or not worker["job_id"]:
+            return
+        job = await self.store.run(self.store.get_job, worker["job_id"])
+        if job is None or job["worker_id"] != worker_id or job["status"] not in LEASED_JOB_STATES:
+            return
+        if self.clock() - (job["updated_at"] or 0) < 2 * self.settings.heartbeat_interval:
+            return
+        await self._lose(job, "its worker reports it no longer runs it (lease given up)")
+        try:
+            await self.machine.change_worker(worker_id, "revive", "reports no job: idle again")
+        except WorkerConflict:
+            pass  # not stale: the job had moved on by itself and freed the worker
+        self.changed("jobs", job["id"])
+        self.changed("workers", worker_id)
 
     async def deregister(self, worker_id: str, reason: str = "worker exited") -> None:
         worker = await self.store.run(self.store.get_worker, worker_id)
@@ -440,12 +464,13 @@ class Service:
     def _better_idle(self, worker: dict[str, Any]) -> list[tuple[int, str]]:
         """(gpus, cluster) of idle workers ranked above this one that are alive (heard from
         within a heartbeat interval and a half), best first: the claim sets work aside for them."""
-        idle = self.store.idle_workers()
-        if len(idle) <= 1:
+        rivals = self.store.idle_rivals(worker["id"], worker["gpus"] or 0,
+                                        worker["vram_gb"] or 0.0, worker["cluster"] or "")
+        if not rivals:
             return []
         mine = self._rank(worker)
         fresh = self.clock() - 1.5 * self.settings.heartbeat_interval
-        better = [w for w in idle if w["id"] != worker["id"] and self._rank(w) < mine
+        better = [w for w in rivals if self._rank(w) < mine
                   and self.last_seen.get(w["id"], 0) >= fresh]
         better.sort(key=self._rank)
         return [(w["gpus"] or 0, w["cluster"] or "") for w in better]

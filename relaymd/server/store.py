@@ -598,11 +598,16 @@ class Store:
         assert worker is not None
         return worker
 
-    def idle_workers(self) -> list[sqlite3.Row]:
-        """Idle workers' ranking fields, on the read-only connection (every claim asks)."""
+    def idle_rivals(self, worker_id: str, gpus: int, vram_gb: float,
+                    cluster: str) -> list[sqlite3.Row]:
+        """Idle workers that might rank above this one (more GPUs; or as many and another
+        cluster or more VRAM), on the read-only connection: every claim asks, and in a fleet
+        of identical workers the answer is empty without reading them all into Python."""
         return self.reader.execute(
-            "SELECT id, gpus, vram_gb, cluster, provider FROM workers WHERE status = 'idle'"
-        ).fetchall()
+            "SELECT id, gpus, vram_gb, cluster, provider FROM workers "
+            "WHERE status = 'idle' AND id != ? AND (gpus > ? OR (gpus = ? AND "
+            "(IFNULL(cluster, '') != ? OR IFNULL(vram_gb, 0) > ?)))",
+            [worker_id, gpus, gpus, cluster, vram_gb]).fetchall()
 
     def cluster_workers(self) -> list[dict[str, Any]]:
         """Every worker not gone, with its cluster: the provisioning loop's view."""
