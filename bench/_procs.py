@@ -3,6 +3,7 @@ is on sys.path): children that die with the benchmark, and SIGTERM that unwinds 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -47,3 +48,33 @@ def stop_gently(proc: subprocess.Popen[str] | subprocess.Popen[bytes] | None) ->
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, process group) of a process, or None once it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()
+    return fields[0], int(fields[1]), int(fields[2])
+
+
+def all_pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def signal_group(group: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(group, sig)
+
+
+STEPPER_A, STEPPER_M = 1103515245, 2**31  # tests/engines/stepper.py's recurrence
+
+
+def expected_result(total: int) -> int:
+    """The stepper engine's x after `total` steps, run without interruption."""
+    x = 1
+    for n in range(total):
+        x = (STEPPER_A * x + n) % STEPPER_M
+    return x

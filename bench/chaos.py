@@ -81,7 +81,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _procs import die_with_parent, terminated  # noqa: E402
+from _procs import (  # noqa: E402
+    all_pids,
+    die_with_parent,
+    expected_result,
+    proc_stat,
+    signal_group,
+    terminated,
+)
 
 from relaymd.client import ApiError, Client  # noqa: E402
 from relaymd.models import JobCreate  # noqa: E402
@@ -89,7 +96,6 @@ from relaymd.storage import checkpoint_key, log_key, open_storage  # noqa: E402
 from relaymd.storage.bundle import pack_directory  # noqa: E402
 
 ENGINE = ROOT / "tests" / "engines" / "stepper.py"
-A, M = 1103515245, 2**31
 CHECKPOINT_KEEP = 3  # the orchestrator's default `checkpoint_keep`
 LEASED = ("assigned", "running")
 TERMINAL = ("completed", "failed", "cancelled")
@@ -97,13 +103,6 @@ TERMINAL = ("completed", "failed", "cancelled")
 WORKER_CALLBACKS = {"start", "checkpoint", "release", "complete", "fail", "checkpoint_rejected"}
 CKPT_NAME = re.compile(r"^(\d+)\.tar\.gz$")
 RESUMED = re.compile(r"resumed at step (\d+)")
-
-
-def expected_result(total: int) -> int:
-    x = 1
-    for n in range(total):
-        x = (A * x + n) % M
-    return x
 
 
 def free_port() -> int:
@@ -114,20 +113,6 @@ def free_port() -> int:
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, parent pid, process group) of a process, or None once it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2:].split()
-    return fields[0], int(fields[1]), int(fields[2])
-
-
-def all_pids() -> list[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
 
 def proc_cwd(pid: int) -> str:
@@ -154,11 +139,6 @@ def groups_under(root: Path, parent: int | None = None) -> set[int]:
 
 def group_alive(group: int) -> bool:
     return any((st := proc_stat(pid)) and st[2] == group and st[0] != "Z" for pid in all_pids())
-
-
-def signal_group(group: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(group, sig)
 
 
 @dataclass

@@ -26,7 +26,6 @@ See bench/README.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -46,7 +45,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _procs import die_with_parent, terminated  # noqa: E402
+from _procs import (  # noqa: E402
+    all_pids,
+    die_with_parent,
+    expected_result,
+    proc_stat,
+    signal_group,
+    terminated,
+)
 
 from relaymd.client import Client  # noqa: E402
 from relaymd.models import CheckpointInfo, JobCreate, JobDetail  # noqa: E402
@@ -54,35 +60,9 @@ from relaymd.storage import open_storage  # noqa: E402
 from relaymd.storage.bundle import pack_directory  # noqa: E402
 
 ENGINE = ROOT / "tests" / "engines" / "stepper.py"
-A, M = 1103515245, 2**31
-
-
-def expected_result(total: int) -> int:
-    x = 1
-    for n in range(total):
-        x = (A * x + n) % M
-    return x
-
-
-
-
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, parent pid, process group) of a process, or None once it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2:].split()
-    return fields[0], int(fields[1]), int(fields[2])
-
-
-def all_pids() -> list[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
 
 def engine_group(worker_pid: int) -> int | None:
@@ -96,11 +76,6 @@ def engine_group(worker_pid: int) -> int | None:
 
 def group_alive(group: int) -> bool:
     return any((st := proc_stat(pid)) and st[2] == group and st[0] != "Z" for pid in all_pids())
-
-
-def signal_group(group: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(group, sig)
 
 
 class Cluster:

@@ -58,7 +58,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _procs import die_with_parent, machine_cpu, own_cpu, terminated  # noqa: E402
+from _procs import die_with_parent, machine_cpu, own_cpu, signal_group, terminated  # noqa: E402
 
 from relaymd.client import Client  # noqa: E402
 from relaymd.models import JobCreate  # noqa: E402
@@ -147,11 +147,6 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
-
-
-def signal_group(group: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(group, sig)
 
 
 # --------------------------------------------------------------------------- measurements
