@@ -6,6 +6,7 @@ are part of the stable `--json` output documented in the README.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
@@ -41,7 +42,10 @@ class WorkerStatus(StrEnum):
 class Strict(BaseModel):
     """Request bodies: unknown fields are refused so typos are loud, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+MAX_COUNTER = 1 << 53  # attempts, sequence numbers, sizes: far beyond use, inside SQLite's int64
 
 
 def to_datetime(epoch: float | None) -> datetime | None:
@@ -86,6 +90,8 @@ class BundleSpec(Strict):
 
 
 class Progress(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
+
     done: float = Field(ge=0)
     total: float | None = Field(default=None, ge=0)
     unit: str = Field(default="steps", max_length=32)
@@ -107,8 +113,9 @@ class JobCreate(Strict):
     @classmethod
     def _cluster_names(cls, names: list[str] | None) -> list[str] | None:
         for name in names or []:
-            if not name or len(name) > 100:
-                raise ValueError(f"cluster name {name!r} must be 1 to 100 characters")
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
+                raise ValueError(f"cluster name {name[:120]!r} must be 1 to 100 letters, digits, "
+                                 "'_', '.' or '-', starting with a letter or digit")
         return names or None
 
 
@@ -222,6 +229,19 @@ class WorkerRegister(Strict):
     vram_gb: float = Field(default=0, ge=0)
     wall_time_end: datetime | None = None  # when the allocation ends, if known
 
+    @field_validator("wall_time_end")
+    @classmethod
+    def _plausible_end(cls, when: datetime | None) -> datetime | None:
+        if when is None:
+            return None
+        try:
+            epoch = when.timestamp() if when.tzinfo else when.replace(tzinfo=UTC).timestamp()
+        except (OverflowError, ValueError, OSError):
+            raise ValueError("wall_time_end is not a usable time") from None
+        if not 0 <= epoch < 1 << 35:  # 1970 .. year ~3058
+            raise ValueError("wall_time_end must lie between 1970 and 3000")
+        return when
+
 
 class WorkerRegistered(BaseModel):
     worker_id: str
@@ -251,8 +271,8 @@ class Worker(BaseModel):
 
 
 class Heartbeat(Strict):
-    job_id: str | None = None
-    attempt: int | None = Field(default=None, ge=1)
+    job_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+    attempt: int | None = Field(default=None, ge=1, le=MAX_COUNTER)
     progress: Progress | None = None
 
 
@@ -285,12 +305,12 @@ class Assignment(BaseModel):
 
 
 class CheckpointRejected(Strict):
-    attempt: int = Field(ge=1)
+    attempt: int = Field(ge=1, le=MAX_COUNTER)
     reason: str = Field(default="corrupt in storage", max_length=500)
 
 
 class Lease(Strict):
-    attempt: int = Field(ge=1)
+    attempt: int = Field(ge=1, le=MAX_COUNTER)
 
 
 class CheckpointReserved(BaseModel):
@@ -300,27 +320,27 @@ class CheckpointReserved(BaseModel):
 
 
 class CheckpointReport(Strict):
-    attempt: int = Field(ge=1)
-    seq: int = Field(ge=1)
+    attempt: int = Field(ge=1, le=MAX_COUNTER)
+    seq: int = Field(ge=1, le=MAX_COUNTER)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, le=MAX_COUNTER)
     progress: Progress | None = None
 
 
 class Release(Strict):
-    attempt: int = Field(ge=1)
+    attempt: int = Field(ge=1, le=MAX_COUNTER)
     reason: str = Field(default="released", max_length=500)
     checkpoint: CheckpointReport | None = None  # its newest checkpoint, handed back with the job
 
 
 class Complete(Strict):
-    attempt: int = Field(ge=1)
+    attempt: int = Field(ge=1, le=MAX_COUNTER)
     checkpoint: CheckpointReport | None = None
 
 
 class Fail(Strict):
-    attempt: int = Field(ge=1)
-    exit_code: int | None = None
+    attempt: int = Field(ge=1, le=MAX_COUNTER)
+    exit_code: int | None = Field(default=None, ge=-(1 << 31), le=1 << 31)
     reason: str = Field(default="engine failed", max_length=2000)
     log_tail: str = Field(default="", max_length=65536)
 

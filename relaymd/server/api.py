@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -51,6 +51,25 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[Request, Principal | None], Awaitable[Response]]
 JOB_ID = r"^[0-9a-f]{32}$"
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """JSON escapes can spell code points that are not characters; they would break SQLite
+    binding and our own JSON output later, so they are refused at the door."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
 
 
 class HTTPError(Exception):
@@ -112,6 +131,9 @@ class Api:
                 response = await self._dispatch(request, scope, handler)
                 status = response.status_code
                 return response
+            except ClientDisconnect:  # the caller hung up mid-body: nobody to answer, no fault
+                status = 499
+                return error(400, "client_disconnected", "the client hung up mid-request")
             except Exception:
                 log.exception("%s %s failed", request.method, request.url.path)
                 return error(500, "internal_error", "internal error; see the orchestrator log")
@@ -153,8 +175,12 @@ class Api:
                 raise HTTPError(413, "body_too_large", f"request body over {self.max_body} bytes")
         try:
             data = json.loads(raw) if raw else {}
-        except (ValueError, UnicodeDecodeError):
-            raise HTTPError(400, "bad_json", "request body is not valid JSON") from None
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise HTTPError(400, "bad_json", "request body is not valid JSON (or nested too "
+                            "deeply)") from None
+        if b"\\u" in raw and _has_lone_surrogate(data):
+            raise HTTPError(400, "bad_json", "request body holds a lone UTF-16 surrogate "
+                            "(\\ud800-\\udfff), which is not text")
         try:
             return model.model_validate(data)
         except ValidationError as exc:

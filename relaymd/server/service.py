@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
 
 from relaymd.config import DEFAULT_CLUSTER_PRIORITY, Settings
 from relaymd.models import (
@@ -92,15 +93,21 @@ def parse_bundle_spec(raw: bytes | None, where: str) -> BundleSpec:
                          "add one or pass --command to `relaymd submit`", "invalid_bundle", 422)
     try:
         data = yaml.safe_load(raw) or {}
-        return BundleSpec.model_validate(data)
-    except yaml.YAMLError as exc:
-        raise BadRequest(f"{where}: relaymd.yaml is not valid YAML: {exc}", "invalid_bundle",
-                         422) from None
+        spec = BundleSpec.model_validate(data)
+        spec.model_dump_json()  # text that cannot be written back out (lone surrogates) is refused
+        return spec
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise BadRequest(f"{where}: relaymd.yaml is not valid YAML (or nested too deeply): "
+                         f"{str(exc)[:300]}", "invalid_bundle", 422) from None
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "(top level)"
         raise BadRequest(f"{where}: relaymd.yaml: {field}: {first['msg']}", "invalid_bundle",
                          422) from None
+    except (ValueError, TypeError, UnicodeError, PydanticSerializationError) as exc:
+        # PyYAML raises plain ValueError for values it cannot construct (`2001-13-01`, `!!int x`)
+        raise BadRequest(f"{where}: relaymd.yaml has a value that cannot be read: "
+                         f"{str(exc)[:300]}", "invalid_bundle", 422) from None
 
 
 class Service:
@@ -219,7 +226,9 @@ class Service:
             try:
                 after = int(cursor)
             except ValueError:
-                raise BadRequest(f"invalid cursor {cursor!r}") from None
+                after = -1
+            if not 0 <= after < 1 << 62:
+                raise BadRequest(f"invalid cursor {cursor[:40]!r}: pass back a next_cursor")
         rows, nxt = self.store.list_jobs(statuses, limit, after)
         live = self._progress
         render = self._job_json.render
@@ -608,7 +617,7 @@ class Service:
         try:
             job_id = await self.resolve(ref)
         except NotFound:
-            if len(text) != 32:
+            if len(text) != 32 or any(c not in "0123456789abcdef" for c in text):
                 raise
             job_id = text  # rows already gone (an earlier purge whose storage part failed)
             removed = False

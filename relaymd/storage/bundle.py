@@ -192,9 +192,16 @@ class _Meter:
         self._gz = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[arg-type]
         self._raw, self._limits = raw, limits
         self.out, self.allowed, self.member = 0, HEADER_ALLOWANCE, "(first header)"
+        self.data_end = 0  # where the current member's data should end
 
     def read(self, n: int = -1) -> bytes:
         data = self._gz.read(CHUNK if n < 0 or n > CHUNK else n)
+        if not data and n and self.out < self.data_end:
+            # The archive ends inside a member's data: say so now. (tarfile's stream mode would
+            # otherwise "skip" the missing bytes one empty read at a time: seconds per GiB
+            # declared, for a bundle of a few hundred bytes.)
+            raise BundleError(f"bundle is truncated inside member {self.member} (it declares "
+                              f"{self.data_end - self.out} more bytes than it holds); refusing it")
         self.out += len(data)
         if self.out > self.allowed:
             raise BundleError(
@@ -321,6 +328,7 @@ def _scan(path: Path, limits: BundleLimits, visit: Visitor | None = None) -> Bun
                     name = checker.check(member)
                     padded = -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                     meter.allowed = member.offset_data + padded + HEADER_ALLOWANCE
+                    meter.data_end = member.offset_data + member.size
                     if visit is not None and visit(tar, member, name):
                         return None
                 checker.finish()
