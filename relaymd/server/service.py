@@ -130,6 +130,7 @@ class Service:
         self._gc_again: set[str] = set()
         self.started_at = clock()
         self.provisioner: Any = None  # set by the orchestrator: `relaymd clusters` asks it
+        self._priorities = {c.name: c.priority or 0 for c in settings.clusters}
 
     def changed(self, what: str, key: str | None = None) -> None:
         for listener in self.listeners:
@@ -438,9 +439,10 @@ class Service:
         self.changed("workers", worker_id)
         seq = row["latest_checkpoint"]
         cp = await self.store.run(self.store.get_checkpoint, row["id"], seq) if seq else None
-        older = [CheckpointRef(seq=c["seq"], key=c["key"], sha256=c["sha256"])
-                 for c in reversed(await self.store.run(self.store.list_checkpoints, row["id"]))
-                 if seq is not None and c["seq"] < seq]
+        older = [] if cp is None else [
+            CheckpointRef(seq=c["seq"], key=c["key"], sha256=c["sha256"])
+            for c in reversed(await self.store.run(self.store.list_checkpoints, row["id"]))
+            if c["seq"] < seq]
         return Assignment(job=job_from_row(row), attempt=row["attempt"],
                           bundle_key=bundle_key(row["id"]),
                           checkpoint_key=cp["key"] if cp else None,
@@ -458,11 +460,12 @@ class Service:
         return job_from_row(row)
 
     def cluster_priority(self, cluster: str, provider: str) -> int:
-        for c in self.settings.clusters:
-            if c.name == cluster:
-                return c.priority or 0
-        return DEFAULT_CLUSTER_PRIORITY.get(provider, DEFAULT_CLUSTER_PRIORITY.get(
-            {"hpc": "slurm"}.get(provider, provider), 0))
+        """The configured cluster's priority; for others, its provider's default (a worker
+        registers its platform, so `hpc` stands for slurm)."""
+        configured = self._priorities.get(cluster)
+        if configured is not None:
+            return configured
+        return DEFAULT_CLUSTER_PRIORITY.get({"hpc": "slurm"}.get(provider, provider), 0)
 
     def _rank(self, w: Any) -> tuple[int, int, float]:
         """Who gets work first among idle workers: more GPUs, then HPC before Salad (the

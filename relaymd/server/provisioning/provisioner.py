@@ -49,6 +49,13 @@ class ClusterState:
     error: str | None = None
 
 
+def group_by_cluster(workers: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for w in workers:
+        out.setdefault(w["cluster"], []).append(w)
+    return out
+
+
 def build_provider(cluster: ClusterConfig, settings: Settings, service: Service, url: str,
                    worker_token: str) -> Provider:
     if cluster.provider == "slurm":
@@ -101,14 +108,16 @@ class Provisioner:
         store = self.service.store
         self.switches = await store.run(store.cluster_switches)
         workers = await store.run(store.cluster_workers)
+        by_cluster = group_by_cluster(workers)
         for name, state in self.clusters.items():
-            mine = [w for w in workers if w["cluster"] == name]
+            mine = by_cluster.get(name, [])
             try:
                 state.seen = await state.provider.reconcile(mine)
             except Exception as exc:  # a provider bug must not stop the others
                 log.exception("cluster %s: reconcile failed", name)
                 state.seen = Seen(pending=state.seen.pending, note=f"reconcile failed: {exc}")
         workers = await store.run(store.cluster_workers)  # reconcile may have changed rows
+        by_cluster = group_by_cluster(workers)
         queued = await store.run(store.queued_jobs)
         jobs, _ = await self.service.counts()
         live_jobs = sum(jobs.get(s, 0) for s in ("queued", "assigned", "running"))
@@ -118,7 +127,7 @@ class Provisioner:
             self.service.changed("jobs", job_id)
         now = self.clock()
         for name, state in self.clusters.items():
-            mine = [w for w in workers if w["cluster"] == name]
+            mine = by_cluster.get(name, [])
             state.view = ClusterView(
                 waiting=waiting.get(name, 0),
                 idle=sum(w["status"] == "idle" for w in mine),
@@ -160,11 +169,12 @@ class Provisioner:
               ) -> tuple[dict[str, int], dict[str, str | None]]:
         """Queued jobs -> clusters, best first while they have room; and why the rest wait."""
         room: dict[str, int] = {}
+        by_cluster = group_by_cluster(workers)
         for name, state in self.clusters.items():
             if not self.enabled(name):
                 continue
             c = state.config
-            mine = [w for w in workers if w["cluster"] == name]
+            mine = by_cluster.get(name, [])
             idle = sum(w["status"] == "idle" for w in mine)
             alive = sum(w["status"] in ("idle", "busy") for w in mine) + state.seen.pending
             can_ask = max(0, min(c.max_pending - state.seen.pending, c.max_workers - alive))
@@ -210,8 +220,9 @@ class Provisioner:
 
     def info(self, workers: list[dict[str, Any]]) -> list[ClusterInfo]:
         out = []
+        by_cluster = group_by_cluster(workers)
         for name, s in self.clusters.items():
-            mine = [w for w in workers if w["cluster"] == name]
+            mine = by_cluster.get(name, [])
             out.append(ClusterInfo(
                 name=name, provider=s.config.provider, strategy=s.config.strategy,
                 enabled=self.enabled(name), priority=s.config.priority or 0, gpus=s.gpus,
