@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import stat
 import sys
 import tempfile
 import uuid
@@ -86,6 +87,11 @@ def progress_text(job: Job) -> str:
     if p.total:
         return f"{100 * p.done / p.total:5.1f}% {p.done:g}/{p.total:g} {p.unit}"
     return f"{p.done:g} {p.unit}"
+
+
+def trust_text(trusted: bool) -> str:
+    """Who wrote a checkpoint: a trusted cluster, or a stranger's machine (Salad)."""
+    return "trusted" if trusted else "[yellow]untrusted worker[/]"
 
 
 def styled(status: str) -> str:
@@ -177,15 +183,34 @@ def serve(ctx: click.Context, host: str | None, port: int | None, demo: bool) ->
         pass
 
 
+def read_token_file(path: Path) -> str:
+    """`relaymd worker --token-file`: the file's text, stripped. Like the tokens file, a file
+    other users can read (or write) is refused: they would hold the cluster's bootstrap token."""
+    try:
+        mode = path.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            die(f"--token-file {path}: readable by other users (mode {stat.S_IMODE(mode):04o}); "
+                f"run `chmod 600 {path}`", 2)
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        die(f"--token-file {path}: no such file", 2)
+    except (OSError, UnicodeDecodeError) as exc:
+        die(f"--token-file {path}: cannot read it: {getattr(exc, 'strerror', None) or exc}", 2)
+    if not token:
+        die(f"--token-file {path}: the file is empty; write the worker bootstrap token in it", 2)
+    return token
+
+
 @main.command()
 @click.option("--orchestrator", "url", help="orchestrator URL (RELAYMD_URL)")
-@click.option("--token", help="worker bootstrap token (RELAYMD_WORKER_TOKEN)")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="file holding the worker bootstrap token, mode 0600 (or RELAYMD_WORKER_TOKEN)")
 @click.option("--idle", type=click.Choice(["immediate_exit", "poll_then_exit"]),
               help="when no job is claimable: exit at once, or poll a while first")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
               help="where job dirs are unpacked (RELAYMD_WORKER_WORKDIR)")
 @click.pass_context
-def worker(ctx: click.Context, url: str | None, token: str | None, idle: str | None,
+def worker(ctx: click.Context, url: str | None, token_file: Path | None, idle: str | None,
            workdir: Path | None) -> None:
     """Run a worker: claim jobs, run their engine, ship checkpoints, hand back in time."""
     from relaymd.worker.main import run_worker, setup_worker_logging
@@ -193,9 +218,10 @@ def worker(ctx: click.Context, url: str | None, token: str | None, idle: str | N
 
     settings = settings_of(ctx, url=url, worker_idle=idle, worker_workdir=workdir)
     setup_worker_logging()
-    bootstrap = token or discover_token(settings, "worker")
+    # No --token: a token on the command line is on `ps` for every user of the node.
+    bootstrap = read_token_file(token_file) if token_file else discover_token(settings, "worker")
     if not bootstrap:
-        die("no worker token: pass --token or set RELAYMD_WORKER_TOKEN", 2)
+        die("no worker token: pass --token-file FILE (mode 0600) or set RELAYMD_WORKER_TOKEN", 2)
     try:
         code = asyncio.run(run_worker(settings, discover_url(settings), bootstrap))
     except ApiError as exc:
@@ -224,6 +250,11 @@ def config_check(ctx: click.Context, file: Path | None, as_json: bool) -> None:
     except ConfigError as exc:
         die(f"config is not valid: {exc}", 2)
     effective = settings.model_dump(mode="json")  # SecretStr dumps as "**********"
+    for cluster in effective.get("clusters") or []:
+        # A worker's extra environment often carries its keys: show the names, not the values.
+        env = (cluster.get("slurm") or {}).get("env") or {}
+        for name in env:
+            env[name] = "**********"
     if as_json:
         click.echo(json.dumps(effective, indent=2))
         return
@@ -284,12 +315,16 @@ def bundle_spec_for(src: Path, command: str | None, checkpoint: tuple[str, ...],
 @click.option("--priority", type=click.IntRange(-1000, 1000), default=0, show_default=True)
 @click.option("--cluster", "clusters", multiple=True, metavar="NAME",
               help="run only on workers of this cluster (repeatable; default: anywhere)")
+@click.option("--trusted-only", is_flag=True, default=None,
+              help="never run on an untrusted cluster (Salad); also `trusted_only: true` in "
+              "relaymd.yaml")
 @url_option
 @json_option
 @click.pass_context
 def submit(ctx: click.Context, directory: Path, title: str | None, command: str | None,
            checkpoint: tuple[str, ...], gpus: int | None, max_attempts: int | None,
-           priority: int, clusters: tuple[str, ...], url: str | None, as_json: bool) -> None:
+           priority: int, clusters: tuple[str, ...], trusted_only: bool | None, url: str | None,
+           as_json: bool) -> None:
     """Pack DIRECTORY into a bundle, upload it and queue the job."""
     from relaymd.storage.bundle import BundleError, pack_directory
 
@@ -309,7 +344,7 @@ def submit(ctx: click.Context, directory: Path, title: str | None, command: str 
         job = call(lambda: client.create_job(JobCreate(
             id=job_id, title=title if title is not None else directory.resolve().name,
             max_attempts=max_attempts, gpus=gpus, priority=priority,
-            preferred_clusters=list(clusters) or None)))
+            preferred_clusters=list(clusters) or None, trusted_only=trusted_only or None)))
     if as_json:
         emit_json(job)
     else:
@@ -370,6 +405,8 @@ def job(ctx: click.Context, job_ref: str, url: str | None, as_json: bool) -> Non
     out.print(f"  worker     {detail.worker_id or '-'}")
     if detail.preferred_clusters:
         out.print(f"  clusters   {escape(', '.join(detail.preferred_clusters))} only")
+    if detail.trusted_only:
+        out.print("  trust      trusted clusters only")
     if detail.queue_blocked_reason:
         out.print(f"  [yellow]waiting[/]    {escape(detail.queue_blocked_reason)}")
     out.print(f"  created    {detail.created_at:%Y-%m-%d %H:%M:%S} UTC ({age(detail.created_at)} ago)")
@@ -379,10 +416,11 @@ def job(ctx: click.Context, job_ref: str, url: str | None, as_json: bool) -> Non
         for line in f.log_tail.splitlines()[-10:]:
             out.print(f"    | {line}", markup=False, highlight=False)
     if detail.checkpoint_list:
-        table = Table("SEQ", "SIZE", "ATTEMPT", "WORKER", "AGE", box=None, header_style="bold")
+        table = Table("SEQ", "SIZE", "ATTEMPT", "WORKER", "AGE", "WRITTEN BY", box=None,
+                      header_style="bold")
         for c in detail.checkpoint_list:
             table.add_row(str(c.seq), f"{c.size / 1e6:.2f} MB", str(c.attempt), c.worker_id[:8],
-                          age(c.created_at))
+                          age(c.created_at), trust_text(c.trusted))
         out.print("  checkpoints")
         out.print(table)
     table = Table("TIME", "EVENT", "FROM", "TO", "ATT", "WORKER", "REASON", box=None,
@@ -507,6 +545,54 @@ def clusters_disable(ctx: click.Context, name: str, url: str | None, as_json: bo
     _switch(ctx, name, url, as_json, False)
 
 
+@main.group(invoke_without_command=True)
+@url_option
+@json_option
+@click.pass_context
+def tokens(ctx: click.Context, url: str | None, as_json: bool) -> None:
+    """List each cluster's bootstrap token (masked): a worker's cluster is the one whose token
+    it registers with."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with client_of(ctx, url) as client:
+        listed = call(client.tokens)
+    if as_json:
+        click.echo(json.dumps(listed, indent=2))
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("CLUSTER", "PROVIDER", "TRUSTED", "TOKEN"):
+        table.add_column(col, no_wrap=True)
+    for t in listed:
+        table.add_row(escape(t["cluster"]), escape(t["provider"]),
+                      "yes" if t["trusted"] else "[yellow]no[/]", escape(t["token"] or "-"))
+    Console().print(table)
+
+
+@tokens.command("show")
+@click.argument("cluster")
+@url_option
+@click.pass_context
+def tokens_show(ctx: click.Context, cluster: str, url: str | None) -> None:
+    """Print CLUSTER's bootstrap token in clear (to paste into Salad or a secrets store)."""
+    with client_of(ctx, url) as client:
+        click.echo(call(lambda: client.token(cluster)))
+
+
+@tokens.command("rotate")
+@click.argument("cluster")
+@url_option
+@click.pass_context
+def tokens_rotate(ctx: click.Context, cluster: str, url: str | None) -> None:
+    """Replace CLUSTER's bootstrap token: the old one is refused at once (registered workers
+    keep running); prints the new one. SLURM and local workers get it by themselves; update
+    Salad's container group (or your secrets store) with it."""
+    with client_of(ctx, url) as client:
+        token = call(lambda: client.rotate_token(cluster))
+    click.echo(f"relaymd: cluster {cluster}: new bootstrap token (the old one no longer "
+               "works):", err=True)
+    click.echo(token)
+
+
 @main.command()
 @url_option
 @json_option
@@ -548,12 +634,13 @@ def checkpoints(ctx: click.Context, job_ref: str, download: str | None, seq: int
             click.echo(f"job {detail.id[:8]} has no checkpoints yet")
         else:
             table = Table("SEQ", "SIZE", "ATTEMPT", "WORKER", "CREATED", "PROGRESS", "SHA256",
-                          box=None, header_style="bold")
+                          "WRITTEN BY", box=None, header_style="bold")
             for c in kept:
                 done = f"{c.progress.done:g}/{c.progress.total:g} {c.progress.unit}" \
                     if c.progress else "-"
                 table.add_row(str(c.seq), f"{c.size / 1e6:.2f} MB", str(c.attempt), c.worker_id[:8],
-                              f"{c.created_at:%Y-%m-%d %H:%M:%S}", done, c.sha256[:12])
+                              f"{c.created_at:%Y-%m-%d %H:%M:%S}", done, c.sha256[:12],
+                              trust_text(c.trusted))
             Console().print(table)
         return
     if not kept:

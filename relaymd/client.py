@@ -195,6 +195,18 @@ class Client:
         data = self.request("GET", "/api/v1/clusters").json()
         return [ClusterInfo.model_validate(c) for c in data]
 
+    def tokens(self) -> list[dict[str, Any]]:
+        """Each cluster's bootstrap token, masked."""
+        return list(self.request("GET", "/api/v1/tokens").json())
+
+    def token(self, cluster: str) -> str:
+        data = self.request("GET", f"/api/v1/tokens/{quote(cluster, safe='')}").json()
+        return str(data["token"])
+
+    def rotate_token(self, cluster: str) -> str:
+        data = self.request("POST", f"/api/v1/tokens/{quote(cluster, safe='')}/rotate").json()
+        return str(data["token"])
+
     def set_cluster_enabled(self, name: str, enabled: bool) -> ClusterInfo:
         action = "enable" if enabled else "disable"
         return self._post(f"/api/v1/clusters/{quote(name, safe='')}/{action}", ClusterInfo)

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from relaymd.storage import Storage
 
 ENV_PREFIX = "RELAYMD_"
+MIN_ENV_SECRET_LENGTH = 8  # shorter `slurm.env` values are not redacted from logs
 
 
 class ConfigError(Exception):
@@ -132,6 +133,10 @@ class ClusterConfig(BaseModel):
     max_workers: int = Field(default=4, ge=0, le=10000)  # registered + pending
     priority: int | None = None  # default: slurm 20, local 10, salad 0 (higher goes first)
     enabled: bool = True
+    # Runs under the operator's own account (HPC, this machine) rather than on strangers' PCs.
+    # Default: true, except for provider salad. Jobs submitted --trusted-only never run on an
+    # untrusted cluster, and checkpoints its workers write are marked as such.
+    trusted: bool | None = None
     slurm: SlurmSettings | None = None
     salad: SaladSettings | None = None
 
@@ -144,6 +149,8 @@ class ClusterConfig(BaseModel):
                              "(organization, project, container_group)")
         if self.priority is None:
             self.priority = DEFAULT_CLUSTER_PRIORITY[self.provider]
+        if self.trusted is None:
+            self.trusted = self.provider != "salad"
         return self
 
     @property
@@ -214,7 +221,9 @@ class Settings(BaseModel):
     worker_poll_interval: float = Field(default=30.0, gt=0)  # poll_then_exit: between claims
     worker_poll_max: float = Field(default=600.0, ge=0)  # poll_then_exit: idle time before exit
     worker_workdir: Path | None = None  # default: {home}/work
-    cluster: str = "local"
+    # The cluster this worker belongs to. Default: the one its bootstrap token was issued for
+    # (the orchestrator decides by the token; a worker naming another cluster is refused).
+    cluster: str | None = None
     platform: Literal["hpc", "salad", "local"] = "local"
     handoff_margin: float = Field(default=300.0, ge=0)  # hand back this long before the end
     min_segment: float = Field(default=600.0, ge=0)  # don't claim with less allocation left
@@ -279,6 +288,11 @@ class Settings(BaseModel):
                   if isinstance(v, SecretStr)]
         values += [c.salad.api_key.get_secret_value() for c in self.clusters
                    if c.salad is not None and c.salad.api_key is not None]
+        # A SLURM worker's extra environment is where its keys go: its values count as secrets,
+        # except short ones ("1", "4", "true"): no key is that short, and masking every "4" in
+        # the log would make it unreadable.
+        values += [v for c in self.clusters if c.slurm is not None for v in c.slurm.env.values()
+                   if len(v) >= MIN_ENV_SECRET_LENGTH]
         return [v for v in values if v]
 
     def storage_env(self) -> dict[str, str]:

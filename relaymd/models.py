@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 JOB_ID_LENGTH = 32  # uuid4().hex
 
@@ -52,6 +52,21 @@ def to_datetime(epoch: float | None) -> datetime | None:
     return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
 
 
+# C0 controls but tab and newline, DEL, and C1 controls (0x9b is a one-character CSI).
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def strip_controls(text: str) -> str:
+    """`text` without terminal control characters: a worker's text is printed on the operator's
+    terminal (`relaymd job`, the console), where ESC sequences could clear the screen, fake
+    output or set the clipboard (OSC 52). The escape sequences' printable rest stays visible."""
+    return _CONTROLS.sub("", text)
+
+
+# Text a worker sends that an operator's terminal shows: stripped before it is stored.
+CleanText = Annotated[str, AfterValidator(strip_controls)]
+
+
 # --------------------------------------------------------------------------- bundle spec
 
 
@@ -84,6 +99,9 @@ class BundleSpec(Strict):
     progress: str | None = None
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     max_attempts: int = Field(default=3, ge=1, le=1000)
+    # Run only on workers of trusted clusters (the operator's HPC account, this machine), never
+    # on untrusted ones (Salad: strangers' PCs).
+    trusted_only: bool = False
 
 
 # --------------------------------------------------------------------------- jobs
@@ -94,7 +112,7 @@ class Progress(BaseModel):
 
     done: float = Field(ge=0)
     total: float | None = Field(default=None, ge=0)
-    unit: str = Field(default="steps", max_length=32)
+    unit: CleanText = Field(default="steps", max_length=32)
     ns_per_day: float | None = Field(default=None, ge=0)
 
 
@@ -108,6 +126,7 @@ class JobCreate(Strict):
     priority: int = Field(default=0, ge=-1000, le=1000)
     # Run only on workers of these clusters (empty: anywhere).
     preferred_clusters: list[str] | None = Field(default=None, max_length=50)
+    trusted_only: bool | None = None  # None: as relaymd.yaml says (default false)
 
     @field_validator("preferred_clusters")
     @classmethod
@@ -143,6 +162,8 @@ class CheckpointInfo(BaseModel):
     worker_id: str
     created_at: datetime
     progress: Progress | None = None
+    # False: written by a worker of an untrusted cluster (a stranger's machine held the job).
+    trusted: bool = True
 
 
 class Event(BaseModel):
@@ -183,6 +204,7 @@ class Job(BaseModel):
     last_checkpoint_at: datetime | None
     preferred_clusters: list[str] | None = None
     queue_blocked_reason: str | None = None  # a queued job that cannot run anywhere now: why
+    trusted_only: bool = False  # runs only on workers of trusted clusters
 
 
 class JobDetail(Job):
@@ -218,14 +240,15 @@ class ErrorBody(BaseModel):
 
 
 class WorkerRegister(Strict):
-    name: str = Field(default="", max_length=200)
-    hostname: str = Field(default="", max_length=255)
-    cluster: str = Field(default="local", max_length=100)
-    provider: str = Field(default="local", max_length=50)
-    provider_id: str | None = Field(default=None, max_length=200)  # e.g. the SLURM job id
-    platform: str = Field(default="", max_length=50)  # OpenMM platform: CUDA, OpenCL, CPU
+    name: CleanText = Field(default="", max_length=200)
+    hostname: CleanText = Field(default="", max_length=255)
+    # The cluster comes from the bootstrap token; a body may name it, never another one.
+    cluster: str | None = Field(default=None, max_length=100)
+    provider: str = Field(default="local", max_length=50)  # ignored: the cluster's provider
+    provider_id: CleanText | None = Field(default=None, max_length=200)  # e.g. the SLURM job id
+    platform: CleanText = Field(default="", max_length=50)  # OpenMM platform: CUDA, OpenCL, CPU
     gpus: int = Field(default=0, ge=0, le=64)
-    gpu_model: str = Field(default="", max_length=200)
+    gpu_model: CleanText = Field(default="", max_length=200)
     vram_gb: float = Field(default=0, ge=0)
     wall_time_end: datetime | None = None  # when the allocation ends, if known
 
@@ -306,7 +329,7 @@ class Assignment(BaseModel):
 
 class CheckpointRejected(Strict):
     attempt: int = Field(ge=1, le=MAX_COUNTER)
-    reason: str = Field(default="corrupt in storage", max_length=500)
+    reason: CleanText = Field(default="corrupt in storage", max_length=500)
 
 
 class Lease(Strict):
@@ -329,7 +352,7 @@ class CheckpointReport(Strict):
 
 class Release(Strict):
     attempt: int = Field(ge=1, le=MAX_COUNTER)
-    reason: str = Field(default="released", max_length=500)
+    reason: CleanText = Field(default="released", max_length=500)
     checkpoint: CheckpointReport | None = None  # its newest checkpoint, handed back with the job
 
 
@@ -341,8 +364,8 @@ class Complete(Strict):
 class Fail(Strict):
     attempt: int = Field(ge=1, le=MAX_COUNTER)
     exit_code: int | None = Field(default=None, ge=-(1 << 31), le=1 << 31)
-    reason: str = Field(default="engine failed", max_length=2000)
-    log_tail: str = Field(default="", max_length=65536)
+    reason: CleanText = Field(default="engine failed", max_length=2000)
+    log_tail: CleanText = Field(default="", max_length=65536)
 
 
 # --------------------------------------------------------------------------- clusters

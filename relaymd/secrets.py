@@ -578,9 +578,14 @@ def settings_from_secrets(secrets: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+# What every LogRecord has; anything else on a record came from `extra=`.
+_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message", "asctime"}
+
+
 class RedactSecrets(logging.Filter):
     """A handler filter that writes "****" wherever one of the given values appears in a record:
-    its message, its arguments, a formatted exception or stack."""
+    its message, its arguments, a formatted exception or stack, its `extra` fields."""
 
     def __init__(self, secrets: Iterable[str | None], name: str = "") -> None:
         super().__init__(name)
@@ -635,6 +640,15 @@ class RedactSecrets(logging.Filter):
                 record.exc_text = self.redact(text)
         if record.stack_info and self._has_secret(record.stack_info):
             record.stack_info = self.redact(record.stack_info)
+        # Fields passed with `extra={...}` reach the output of any formatter that shows them
+        # (the worker's JSON lines, a `%(command)s` format). They are scrubbed here, on the
+        # record, rather than in a formatter's finished line: that covers every formatter, and
+        # escaping (JSON's \uXXXX, \", \\) cannot hide a secret from the search.
+        for key, value in list(vars(record).items()):
+            if key not in _RECORD_FIELDS:
+                scrubbed = self._scrub(value)
+                if scrubbed is not value:
+                    setattr(record, key, scrubbed)
         return True
 
 

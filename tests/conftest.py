@@ -81,16 +81,26 @@ class RunningOrchestrator:
     def service(self) -> Any:
         return self.orch.service
 
-    def tokens(self) -> dict[str, str]:
+    def tokens(self) -> dict[str, Any]:
         import json
 
         return dict(json.loads(self.settings.tokens_path.read_text()))
+
+    def bootstrap_token(self, cluster: str | None = None) -> str:
+        """The bootstrap token of `cluster` (default: this machine's, "local")."""
+        tokens = self.tokens()
+        if cluster in (None, "local"):
+            return str(tokens["worker"])
+        token = tokens.get("clusters", {}).get(cluster)
+        assert token, f"no bootstrap token for cluster {cluster!r}: configure it in `clusters`"
+        return str(token)
 
     def operator(self) -> Client:
         return Client(self.url, self.tokens()["operator"])
 
     def worker(self, **register: Any) -> tuple[Client, str]:
-        client = Client(self.url, self.tokens()["worker"])
+        """Register a worker with the token of the cluster it names."""
+        client = Client(self.url, self.bootstrap_token(register.get("cluster")))
         reg = client.register(WorkerRegister(**{"hostname": "test", "gpus": 1, **register}))
         client.set_token(reg.token)
         return client, reg.worker_id

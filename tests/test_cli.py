@@ -27,11 +27,12 @@ JOB_KEYS = {
     "id", "title", "status", "command", "spec", "gpus", "priority", "max_attempts", "attempt",
     "failures", "worker_id", "bundle_sha256", "bundle_size", "latest_checkpoint", "checkpoints",
     "progress", "last_failure", "created_at", "updated_at", "started_at", "finished_at",
-    "last_checkpoint_at", "preferred_clusters", "queue_blocked_reason",
+    "last_checkpoint_at", "preferred_clusters", "queue_blocked_reason", "trusted_only",
 }
 PROGRESS_KEYS = {"done", "total", "unit", "ns_per_day"}
 FAILURE_KEYS = {"attempt", "exit_code", "reason", "log_tail", "at"}
-CHECKPOINT_KEYS = {"seq", "key", "sha256", "size", "attempt", "worker_id", "created_at", "progress"}
+CHECKPOINT_KEYS = {"seq", "key", "sha256", "size", "attempt", "worker_id", "created_at", "progress",
+                   "trusted"}
 EVENT_KEYS = {"id", "job_id", "worker_id", "kind", "from_status", "to_status", "attempt", "seq",
               "reason", "at"}
 WORKER_KEYS = {
@@ -286,7 +287,8 @@ def test_workers_lists_registered_workers(server: RunningOrchestrator) -> None:
     none = relaymd(home, "workers")
     assert (none.returncode, none.stdout.strip()) == (0, "no workers"), none
 
-    _, wid = server.worker(name="w7", hostname="gpu-node-7", cluster="hpc", provider="slurm",
+    # The cluster and provider come from the bootstrap token (here this machine's: local).
+    _, wid = server.worker(name="w7", hostname="gpu-node-7", provider="slurm",
                            provider_id="123456", platform="CUDA", gpus=2, gpu_model="A100",
                            vram_gb=80)
     listed = ok_json(relaymd(home, "workers", "--json"))
@@ -296,7 +298,7 @@ def test_workers_lists_registered_workers(server: RunningOrchestrator) -> None:
     assert w["id"] == wid and w["status"] == "idle" and w["job_id"] is None, w
     assert (w["name"], w["hostname"], w["cluster"], w["provider"], w["provider_id"],
             w["platform"], w["gpus"], w["gpu_model"], w["vram_gb"]) == \
-        ("w7", "gpu-node-7", "hpc", "slurm", "123456", "CUDA", 2, "A100", 80), w
+        ("w7", "gpu-node-7", "local", "local", "123456", "CUDA", 2, "A100", 80), w
 
     table = relaymd(home, "workers")
     assert table.returncode == 0 and wid[:8] in table.stdout and "gpu-node-7" in table.stdout, \

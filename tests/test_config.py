@@ -218,7 +218,8 @@ def test_tokens_file_is_created_0600_and_stable(tmp_path: Path) -> None:
     first = load_or_create_tokens(settings)
     path = settings.tokens_path
     assert stat.S_IMODE(path.stat().st_mode) == 0o600, f"{path} mode {path.stat().st_mode:o}"
-    assert json.loads(path.read_text()) == {"operator": first.operator, "worker": first.worker}
+    assert json.loads(path.read_text()) == {"operator": first.operator, "worker": first.worker,
+                                            "clusters": {}}
     assert first.operator != first.worker and min(len(first.operator), len(first.worker)) >= 32
     assert load_or_create_tokens(settings) == first, "second start changed the tokens"
 

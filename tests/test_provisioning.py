@@ -223,8 +223,12 @@ def test_cluster_config_errors_name_the_field(tmp_path: Path) -> None:
 
 @pytest.fixture
 def orch(tmp_path: Path) -> Any:
+    # Workers register with their cluster's own token: each cluster a test's workers come from
+    # is configured (none of them provisions anything: max_workers 0).
     settings = make_settings(tmp_path / "home", clusters=[
-        {"name": "hpc", "provider": "local", "max_workers": 0}])
+        {"name": "hpc", "provider": "local", "max_workers": 0},
+        {"name": "cloud", "provider": "local", "max_workers": 0, "priority": 0},
+        {"name": "elsewhere", "provider": "local", "max_workers": 0, "priority": 0}])
     running = RunningOrchestrator(settings).start()
     yield running
     running.stop()
@@ -286,13 +290,15 @@ def test_clusters_command_lists_and_switches(orch: RunningOrchestrator, tmp_path
 
     orch.call(orch.orch.provisioner.cycle())
     listed = json.loads(cli("clusters", "--json").stdout)
-    assert [(c["name"], c["provider"], c["enabled"]) for c in listed] == [("hpc", "local", True)]
+    assert [(c["name"], c["provider"], c["enabled"]) for c in listed] == [
+        ("hpc", "local", True), ("cloud", "local", True), ("elsewhere", "local", True)]
     assert listed[0]["last_decision"] == "no queued job for this cluster", listed
-    out = cli("clusters", "disable", "hpc")
-    assert out.returncode == 0 and "cluster hpc: disabled" in out.stdout, out
+    for name in ("hpc", "cloud", "elsewhere"):
+        out = cli("clusters", "disable", name)
+        assert out.returncode == 0 and f"cluster {name}: disabled" in out.stdout, out
     submit(orch.operator(), tmp_path, gpus=0)
     orch.call(orch.orch.provisioner.cycle())
-    (info,) = orch.operator().clusters()
+    info = orch.operator().clusters()[0]
     assert (info.enabled, info.last_decision) == (False, "disabled"), info
     (j,) = orch.operator().all_jobs()
     assert "disabled" in (j.queue_blocked_reason or ""), j

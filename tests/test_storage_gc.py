@@ -60,7 +60,8 @@ class StandIn:
         r = self.client.reserve_checkpoint(self.job_id, self.attempt)
         blob = tarball({"state.json": json.dumps({"step": step}).encode()})
         self.storage.put_bytes(r.key, blob, overwrite=True)
-        self.storage.put_bytes(r.manifest_key, json.dumps({"seq": r.seq}).encode(), overwrite=True)
+        manifest = {"seq": r.seq, "files": {}}  # the orchestrator reads its `files` map
+        self.storage.put_bytes(r.manifest_key, json.dumps(manifest).encode(), overwrite=True)
         return CheckpointReport(attempt=self.attempt, seq=r.seq,
                                 sha256=hashlib.sha256(blob).hexdigest(), size=len(blob))
 

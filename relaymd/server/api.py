@@ -271,10 +271,21 @@ class Api:
     async def disable_cluster(self, request: Request, _: Principal | None) -> Response:
         return ok(await self.service.switch_cluster(request.path_params["name"], False))
 
+    async def list_tokens(self, request: Request, _: Principal | None) -> Response:
+        return JSONResponse(self.service.tokens())
+
+    async def show_token(self, request: Request, _: Principal | None) -> Response:
+        return JSONResponse(self.service.token(request.path_params["name"]))
+
+    async def rotate_token(self, request: Request, _: Principal | None) -> Response:
+        return JSONResponse(await self.service.rotate_token(request.path_params["name"]))
+
     # ------------------------------------------------------------------ worker routes
 
-    async def register(self, request: Request, _: Principal | None) -> Response:
-        return ok(await self.service.register(await self.body(request, WorkerRegister)), 201)
+    async def register(self, request: Request, p: Principal | None) -> Response:
+        assert p is not None and p.cluster is not None
+        return ok(await self.service.register(await self.body(request, WorkerRegister),
+                                              p.cluster), 201)
 
     async def heartbeat(self, request: Request, p: Principal | None) -> Response:
         assert p is not None and p.worker_id is not None
@@ -375,6 +386,12 @@ class Api:
                                                        self.enable_cluster), methods=["POST"]),
             Route(f"{v1}/clusters/{{name}}/disable", e("disable_cluster", "operator",
                                                         self.disable_cluster), methods=["POST"]),
+            Route(f"{v1}/tokens", e("list_tokens", "operator", self.list_tokens),
+                  methods=["GET"]),
+            Route(f"{v1}/tokens/{{name}}", e("show_token", "operator", self.show_token),
+                  methods=["GET"]),
+            Route(f"{v1}/tokens/{{name}}/rotate", e("rotate_token", "operator",
+                                                     self.rotate_token), methods=["POST"]),
             Route(f"{v1}/workers/register", e("register", "bootstrap", self.register),
                   methods=["POST"]),
             Route(f"{v1}/workers/{{worker_id}}/heartbeat", e("heartbeat", "worker",

@@ -1,7 +1,11 @@
-"""Bearer tokens: operator scope, the worker bootstrap token, and per-worker session tokens.
+"""Bearer tokens: operator scope, one bootstrap token per cluster, and per-worker session tokens.
 
-The embedded default generates the operator and worker tokens into a 0600 file under the
-orchestrator's home, which the CLI on the same machine reads by itself.
+The embedded default generates the operator token and every cluster's bootstrap token into a
+0600 file under the orchestrator's home, which the CLI on the same machine reads by itself. The
+local cluster's token keeps its historical key, "worker"; other clusters' tokens sit under
+"clusters". A bootstrap token is a cluster's identity: a worker registering with it belongs to
+that cluster whatever its request body says, so a Salad node holding Salad's token cannot pose as
+the HPC cluster.
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ import json
 import os
 import secrets
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from relaymd.config import Settings
+from relaymd.fsutil import private_dir
 
 Scope = Literal["operator", "bootstrap", "worker"]
 
@@ -25,16 +30,32 @@ class TokenFileError(Exception):
     pass
 
 
-@dataclass(frozen=True)
+def local_cluster_name(settings: Settings) -> str:
+    """The cluster the "worker" token stands for: this machine's own workers."""
+    return settings.cluster or "local"
+
+
+@dataclass
 class Tokens:
     operator: str
-    worker: str
+    worker: str  # the local cluster's bootstrap token
+    clusters: dict[str, str] = field(default_factory=dict)  # other clusters' bootstrap tokens
+    local: str = "local"  # the name of the cluster `worker` belongs to
+
+    def for_cluster(self, name: str) -> str | None:
+        return self.worker if name == self.local else self.clusters.get(name)
+
+    def bootstrap(self) -> dict[str, str]:
+        """cluster name -> its bootstrap token, the local one included."""
+        return {self.local: self.worker, **{n: t for n, t in self.clusters.items()
+                                            if n != self.local}}
 
 
 @dataclass(frozen=True)
 class Principal:
     scope: Scope
     worker_id: str | None = None
+    cluster: str | None = None  # bootstrap scope: the cluster whose token was shown
 
 
 def hash_token(token: str) -> str:
@@ -45,7 +66,11 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
-def read_tokens_file(path: Path) -> dict[str, str]:
+def mask(token: str) -> str:
+    return token[:4] + "…" + token[-2:] if len(token) > 12 else "****"
+
+
+def read_tokens_file(path: Path) -> dict[str, Any]:
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
@@ -61,35 +86,72 @@ def read_tokens_file(path: Path) -> dict[str, str]:
         raise TokenFileError(f"{path}: cannot read token file: {exc}") from None
     if not isinstance(data, dict):
         raise TokenFileError(f"{path}: token file must hold a JSON object")
-    return {k: v for k, v in data.items() if isinstance(v, str)}
+    out: dict[str, Any] = {k: v for k, v in data.items() if isinstance(v, str)}
+    clusters = data.get("clusters")
+    if isinstance(clusters, dict):
+        out["clusters"] = {k: v for k, v in clusters.items()
+                           if isinstance(k, str) and isinstance(v, str) and v}
+    return out
 
 
-def load_or_create_tokens(settings: Settings) -> Tokens:
-    """Tokens from settings (config/env) win; otherwise the 0600 file, created on first start."""
+def write_tokens_file(path: Path, tokens: Tokens) -> None:
+    """Atomically, 0600 from the first byte (never a moment readable by others)."""
+    private_dir(path.parent, fix_existing=False)  # a new parent is 0700 whatever the umask
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"operator": tokens.operator, "worker": tokens.worker,
+                   "clusters": dict(sorted(tokens.clusters.items()))}, fh)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def load_or_create_tokens(settings: Settings, clusters: list[str] | None = None) -> Tokens:
+    """Tokens from settings (config/env) win; otherwise the 0600 file, created on first start.
+    Every cluster in `clusters` (default: the configured ones) gets a bootstrap token of its
+    own; tokens of clusters no longer configured are kept (a cluster commented out for a day
+    keeps its token) but nobody can register with them, since registration needs the cluster."""
     path = settings.tokens_path
     stored = read_tokens_file(path)
     operator = settings.operator_token.get_secret_value() if settings.operator_token else None
     worker = settings.worker_token.get_secret_value() if settings.worker_token else None
-    wanted = {
-        "operator": operator or stored.get("operator") or new_token(),
-        "worker": worker or stored.get("worker") or new_token(),
-    }
-    if wanted != stored:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(wanted, fh)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    return Tokens(operator=wanted["operator"], worker=wanted["worker"])
+    local = local_cluster_name(settings)
+    names = [c.name for c in settings.clusters] if clusters is None else clusters
+    have = dict(stored.get("clusters", {}))
+    wanted = {n: have.get(n) or new_token() for n in names if n != local}
+    tokens = Tokens(operator=operator or stored.get("operator") or new_token(),
+                    worker=worker or stored.get("worker") or new_token(),
+                    clusters={**have, **wanted}, local=local)
+    if (tokens.operator, tokens.worker, tokens.clusters) != (
+            stored.get("operator"), stored.get("worker"), have):
+        write_tokens_file(path, tokens)
+    return tokens
 
 
 class Authenticator:
-    def __init__(self, tokens: Tokens) -> None:
+    def __init__(self, tokens: Tokens, active: set[str] | None = None) -> None:
+        self.tokens = tokens
         self._operator = tokens.operator.encode()
-        self._worker = tokens.worker.encode()
+        # Only clusters the orchestrator runs accept registrations (None: every known one).
+        self._active = active
+        self._bootstrap: dict[str, bytes] = {}
+        self._load_bootstrap()
         self._sessions: dict[str, str] = {}  # sha256(token) -> worker id
+
+    def _load_bootstrap(self) -> None:
+        self._bootstrap = {name: token.encode() for name, token in self.tokens.bootstrap().items()
+                           if self._active is None or name in self._active
+                           or name == self.tokens.local}
+
+    def rotate(self, cluster: str) -> str:
+        """A fresh bootstrap token for `cluster`; the old one stops working now."""
+        token = new_token()
+        if cluster == self.tokens.local:
+            self.tokens.worker = token
+        else:
+            self.tokens.clusters[cluster] = token
+        self._load_bootstrap()
+        return token
 
     def set_sessions(self, sessions: dict[str, str]) -> None:
         self._sessions = dict(sessions)
@@ -108,7 +170,13 @@ class Authenticator:
         raw = token.encode()
         if hmac.compare_digest(raw, self._operator):
             return Principal("operator")
-        if hmac.compare_digest(raw, self._worker):
-            return Principal("bootstrap")
         worker_id = self._sessions.get(hash_token(token))
-        return Principal("worker", worker_id) if worker_id else None
+        if worker_id:
+            return Principal("worker", worker_id)
+        # Every cluster's token is compared (no early exit): the time taken does not say which
+        # cluster, if any, a guess came close to.
+        found = None
+        for name, expected in self._bootstrap.items():
+            if hmac.compare_digest(raw, expected):
+                found = name
+        return Principal("bootstrap", cluster=found) if found is not None else None

@@ -24,10 +24,11 @@ from typing import Any
 import uvicorn
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from relaymd.config import Settings
+from relaymd.config import ClusterConfig, Settings
+from relaymd.fsutil import private_dir, private_file
 from relaymd.secrets import redact_logs
 from relaymd.server.api import create_app
-from relaymd.server.auth import Authenticator, load_or_create_tokens
+from relaymd.server.auth import Authenticator, Tokens, load_or_create_tokens
 from relaymd.server.metrics import Metrics
 from relaymd.server.provisioning.base import Provider, ProviderError
 from relaymd.server.provisioning.local import LocalProvider, local_cluster
@@ -50,13 +51,22 @@ class EmbeddedServer(uvicorn.Server):
         yield
 
 
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating log whose every file is 0600: the log names jobs, workers and hosts. `_open`
+    runs for the first file and again for each fresh one after a rollover."""
+
+    def _open(self) -> Any:
+        private_file(Path(self.baseFilename))
+        return super()._open()
+
+
 def setup_file_logging(path: Path, level: int = logging.INFO) -> None:
     """Log to a rotating file only: nothing may write to the terminal under the console."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent, fix_existing=False)
     root = logging.getLogger()
     if any(getattr(h, "baseFilename", None) == str(path) for h in root.handlers):
         return
-    handler = logging.handlers.RotatingFileHandler(path, maxBytes=10 << 20, backupCount=3)
+    handler = PrivateRotatingFileHandler(path, maxBytes=10 << 20, backupCount=3)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
@@ -152,7 +162,9 @@ class Orchestrator:
 
     async def start(self) -> None:
         settings = self.settings
-        settings.home.mkdir(parents=True, exist_ok=True)
+        # 0700 even if it already existed or the umask is loose: on a shared login node the
+        # other users must not read the database, tokens, log or stored bundles under it.
+        private_dir(settings.home)
         self._take_lock()
         try:
             fs = filesystem_type(settings.database_path.parent)
@@ -164,12 +176,16 @@ class Orchestrator:
                 storage = settings.open_storage()
             except Exception as exc:
                 raise OrchestratorError(f"storage {settings.storage}: {exc}") from None
-            tokens = load_or_create_tokens(settings)
-            redact_logs([*settings.secret_values(), tokens.operator, tokens.worker])
+            clusters = self._clusters()
+            names = [c.name for c in clusters]
+            tokens = load_or_create_tokens(settings, names)
+            redact_logs([*settings.secret_values(), tokens.operator,
+                         *tokens.bootstrap().values()])
             sock = self._bind()
             await self.store.open()
-            self.service = Service(settings, self.store, storage, Authenticator(tokens),
-                                   self.clock)
+            self.service = Service(settings, self.store, storage,
+                                   Authenticator(tokens, active=set(names)), self.clock,
+                                   clusters=clusters)
             await self.service.load()
             app = create_app(self.service, self.metrics)
             config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
@@ -185,7 +201,7 @@ class Orchestrator:
             self.scheduler.add_job(self.service.reap, "interval", seconds=settings.reap_interval,
                                    id="reap", coalesce=True, max_instances=1,
                                    replace_existing=True)
-            self.provisioner = self._provisioner(tokens.worker)
+            self.provisioner = self._provisioner(clusters, tokens)
             await self.provisioner.load()
             self.service.provisioner = self.provisioner
             self.scheduler.add_job(self.provisioner.cycle, "interval",
@@ -204,20 +220,24 @@ class Orchestrator:
         """The local provider, when this orchestrator starts workers on its own machine."""
         return self.provisioner.local if self.provisioner is not None else None
 
-    def _provisioner(self, worker_token: str) -> Provisioner:
+    def _clusters(self) -> list[ClusterConfig]:
+        """The configured clusters, plus this machine's when it runs local workers."""
         settings = self.settings
-        assert self.service is not None
         clusters = list(settings.clusters)
         if settings.local_workers > 0 and not any(c.provider == "local" for c in clusters):
             local = local_cluster(settings)
             if any(c.name == local.name for c in clusters):
                 local = local.model_copy(update={"name": "local-machine"})
             clusters.append(local)
+        return clusters
+
+    def _provisioner(self, clusters: list[ClusterConfig], tokens: Tokens) -> Provisioner:
+        settings = self.settings
+        assert self.service is not None
         providers: dict[str, Provider] = {}
         for c in clusters:
             try:
-                providers[c.name] = build_provider(c, settings, self.service, self.url,
-                                                   worker_token)
+                providers[c.name] = build_provider(c, settings, self.service, self.url, tokens)
             except ProviderError as exc:
                 raise OrchestratorError(str(exc)) from None
         return Provisioner(settings, self.service, clusters, providers, self.clock)

@@ -21,7 +21,7 @@ import yaml
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
-from relaymd.config import DEFAULT_CLUSTER_PRIORITY, Settings
+from relaymd.config import DEFAULT_CLUSTER_PRIORITY, ClusterConfig, Settings
 from relaymd.models import (
     LEASED_JOB_STATES,
     Assignment,
@@ -41,8 +41,9 @@ from relaymd.models import (
     WorkerRegistered,
     WorkerStatus,
 )
-from relaymd.server.auth import Authenticator, hash_token, new_token
-from relaymd.server.store import Store, dumps
+from relaymd.secrets import redact_logs
+from relaymd.server.auth import Authenticator, hash_token, mask, new_token, write_tokens_file
+from relaymd.server.store import RegistrationCapped, Store, dumps
 from relaymd.server.transitions import (
     JobNotFound,
     StateMachine,
@@ -58,10 +59,11 @@ from relaymd.storage import (
     job_prefix,
     manifest_key,
 )
-from relaymd.storage.bundle import BundleError, inspect_bundle, read_member
+from relaymd.storage.bundle import BundleError, checkpoint_refusal, inspect_bundle, read_member
 
 log = logging.getLogger(__name__)
 STORAGE_TIMEOUT = 300.0
+REGISTRATION_MARGIN = 2  # live registrations a cluster may hold past its max_workers (at least)
 
 
 class BadRequest(Exception):
@@ -112,7 +114,8 @@ def parse_bundle_spec(raw: bytes | None, where: str) -> BundleSpec:
 
 class Service:
     def __init__(self, settings: Settings, store: Store, storage: Storage, auth: Authenticator,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 clusters: list[ClusterConfig] | None = None) -> None:
         self.settings = settings
         self.store = store
         self.storage = storage
@@ -130,7 +133,11 @@ class Service:
         self._gc_again: set[str] = set()
         self.started_at = clock()
         self.provisioner: Any = None  # set by the orchestrator: `relaymd clusters` asks it
-        self._priorities = {c.name: c.priority or 0 for c in settings.clusters}
+        # The clusters workers may come from (configured, plus this machine's own).
+        self.cluster_configs = {c.name: c for c in (settings.clusters if clusters is None else clusters)}
+        self._priorities = {c.name: c.priority or 0 for c in self.cluster_configs.values()}
+        self.last_claim: dict[str, float] = {}  # worker id -> when it last asked for work
+        self._flood_logged: dict[str, float] = {}  # cluster -> when a refused flood was logged
 
     def changed(self, what: str, key: str | None = None) -> None:
         for listener in self.listeners:
@@ -148,6 +155,7 @@ class Service:
         now = self.clock()
         for w in await self.store.run(self.store.list_workers, ["idle", "busy"]):
             self.last_seen[w["id"]] = now
+            self.last_claim[w["id"]] = now  # given the benefit of the doubt, like last_seen
 
     # ------------------------------------------------------------------ operator: jobs
 
@@ -209,6 +217,8 @@ class Service:
             "priority": req.priority,
             "max_attempts": req.max_attempts or spec.max_attempts,
             "preferred_clusters": dumps(req.preferred_clusters) if req.preferred_clusters else None,
+            "trusted_only": int(req.trusted_only if req.trusted_only is not None
+                                else spec.trusted_only),
             "bundle_sha256": bundle.sha256, "bundle_size": bundle.size,
             "created_at": now, "updated_at": now,
         }
@@ -275,21 +285,58 @@ class Service:
 
     # ------------------------------------------------------------------ workers
 
-    async def register(self, req: WorkerRegister) -> WorkerRegistered:
+    def cluster_trusted(self, cluster: str) -> bool:
+        """Whether a cluster's machines run under the operator's own account. This machine's
+        workers are; a configured cluster says (salad: not by default); anything else is not."""
+        config = self.cluster_configs.get(cluster)
+        if config is not None:
+            return bool(config.trusted)
+        return cluster == self.auth.tokens.local
+
+    def registration_cap(self, cluster: str) -> int | None:
+        """Live registrations a cluster may hold: its max_workers and a margin (a worker that
+        restarts registers before its old row is reaped). None: this machine's own workers."""
+        config = self.cluster_configs.get(cluster)
+        if config is None or cluster == self.auth.tokens.local:
+            return None
+        return config.max_workers + max(REGISTRATION_MARGIN, config.max_workers // 4)
+
+    async def register(self, req: WorkerRegister, cluster: str) -> WorkerRegistered:
+        """Register a worker of `cluster`: the cluster its bootstrap token was issued for. The
+        request body may repeat the cluster's name but never claim another; the provider is the
+        cluster's, whatever the body says."""
+        if req.cluster is not None and req.cluster != cluster:
+            log.warning("refused a registration claiming cluster %r with the token of cluster "
+                        "%r (host %r)", req.cluster[:100], cluster, req.hostname[:100])
+            raise Forbidden(f"this bootstrap token belongs to cluster {cluster!r}, not "
+                            f"{req.cluster[:100]!r}; unset RELAYMD_CLUSTER or use that "
+                            "cluster's token (`relaymd tokens show CLUSTER`)")
+        config = self.cluster_configs.get(cluster)
+        provider = config.provider if config is not None else "local"
         now = self.clock()
         token = new_token()
         worker_id = uuid.uuid4().hex
         row = {
             "id": worker_id, "name": req.name, "hostname": req.hostname,
-            "cluster": req.cluster, "provider": req.provider, "provider_id": req.provider_id,
+            "cluster": cluster, "provider": provider, "provider_id": req.provider_id,
             "platform": req.platform, "gpus": req.gpus, "gpu_model": req.gpu_model,
             "vram_gb": req.vram_gb, "status": str(WorkerStatus.idle), "job_id": None,
             "token_hash": hash_token(token), "registered_at": now, "last_heartbeat_at": now,
             "wall_time_end": req.wall_time_end.timestamp() if req.wall_time_end else None,
         }
-        stored = await self.store.run(self.store.register_worker, row, {
-            "kind": "worker_register", "to_status": "idle",
-            "reason": f"{req.cluster}/{req.provider} {req.hostname}".strip(), "at": now})
+        cap = self.registration_cap(cluster)
+        try:
+            stored = await self.store.run(self.store.register_worker, row, {
+                "kind": "worker_register", "to_status": "idle",
+                "reason": f"{cluster}/{provider} {req.hostname}".strip(), "at": now}, cap)
+        except RegistrationCapped as exc:
+            if now - self._flood_logged.get(cluster, -1e9) > 60:  # once a minute, not per try
+                self._flood_logged[cluster] = now
+                log.warning("cluster %s: refused registrations past its cap of %d live workers "
+                            "(a flood, or max_workers too low)", cluster, exc.cap)
+            raise BadRequest(f"cluster {cluster!r} already has {exc.cap} live workers (its "
+                             "max_workers and a margin); try again later",
+                             "too_many_workers", 429) from None
         worker_id = stored["id"]  # its placeholder's id when it had one
         self.auth.add_session(row["token_hash"], worker_id)
         self.last_seen[worker_id] = now
@@ -369,6 +416,7 @@ class Service:
                                              token_hash=None)
         self.auth.drop_worker(worker_id)
         self.last_seen.pop(worker_id, None)
+        self.last_claim.pop(worker_id, None)
         self.changed("workers", worker_id)
 
     # ------------------------------------------------------------------ provisioning
@@ -409,6 +457,48 @@ class Service:
         await self.provisioner.set_enabled(name, enabled)
         return next(c for c in await self.clusters() if c.name == name)
 
+    # ------------------------------------------------------------------ bootstrap tokens
+
+    def _token_cluster(self, name: str) -> str:
+        known = sorted({*self.cluster_configs, self.auth.tokens.local})
+        if name not in known:
+            raise NotFound(f"no cluster {name!r} (clusters: {', '.join(known)})")
+        return name
+
+    def tokens(self) -> list[dict[str, Any]]:
+        """Each cluster's bootstrap token, masked (`relaymd tokens`)."""
+        book = self.auth.tokens
+        out = []
+        for name in sorted({*self.cluster_configs, book.local}):
+            token = book.for_cluster(name)
+            config = self.cluster_configs.get(name)
+            out.append({"cluster": name, "provider": config.provider if config else "local",
+                        "trusted": self.cluster_trusted(name),
+                        "token": mask(token) if token else None})
+        return out
+
+    def token(self, name: str) -> dict[str, Any]:
+        """One cluster's bootstrap token in clear, to paste into Salad or a secrets store."""
+        token = self.auth.tokens.for_cluster(self._token_cluster(name))
+        if token is None:
+            raise NotFound(f"cluster {name!r} has no bootstrap token yet; restart the "
+                           "orchestrator after adding it to the config")
+        return {"cluster": name, "token": token}
+
+    async def rotate_token(self, name: str) -> dict[str, Any]:
+        """A new bootstrap token for a cluster; the old one is refused from now on. Workers
+        already registered keep their session tokens; new ones need the new token."""
+        self._token_cluster(name)
+        if name == self.auth.tokens.local and self.settings.worker_token is not None:
+            raise Conflict(f"cluster {name!r}'s token comes from the configuration "
+                           "(worker_token / RELAYMD_WORKER_TOKEN); change it there and restart")
+        token = self.auth.rotate(name)
+        await asyncio.to_thread(write_tokens_file, self.settings.tokens_path, self.auth.tokens)
+        redact_logs([token])
+        log.warning("bootstrap token of cluster %s rotated by the operator; the old one is "
+                    "refused from now on", name)
+        return {"cluster": name, "token": token}
+
     async def set_worker_note(self, worker_id: str, note: str | None) -> None:
         await self.store.run(self.store.set_worker_note, worker_id, note)
 
@@ -422,7 +512,7 @@ class Service:
 
     async def claim(self, worker_id: str, gpus: int | None = None) -> Assignment | None:
         worker = await self.store.run(self.store.get_worker, worker_id)
-        self.last_seen[worker_id] = self.clock()  # a claim is a sign of life too
+        self.last_seen[worker_id] = self.last_claim[worker_id] = self.clock()  # a sign of life
         if worker is not None and worker["status"] == WorkerStatus.stale:
             worker = await self.machine.change_worker(worker_id, "revive", "claimed after silence")
             self.changed("workers", worker_id)
@@ -432,7 +522,8 @@ class Service:
                              "(finish, release or fail its job first)", "worker_not_idle", 409)
         capacity = worker["gpus"] if gpus is None else min(gpus, worker["gpus"])
         row = await self.machine.claim(worker_id, capacity, worker["cluster"] or "",
-                                       self._better_idle(worker))
+                                       self._better_idle(worker),
+                                       self.cluster_trusted(worker["cluster"] or ""))
         if row is None:
             return None
         self.changed("jobs", row["id"])
@@ -473,9 +564,19 @@ class Service:
         return (-(w["gpus"] or 0), -self.cluster_priority(w["cluster"] or "", w["provider"] or ""),
                 -(w["vram_gb"] or 0.0))
 
-    def _better_idle(self, worker: dict[str, Any]) -> list[tuple[int, str]]:
-        """(gpus, cluster) of idle workers ranked above this one that are alive (heard from
-        within a heartbeat interval and a half), best first: the claim sets work aside for them."""
+    def claiming(self, worker: Any) -> bool:
+        """Whether an idle worker is really after work: it asked for some (or registered)
+        within a poll interval and a half. One that registers and then only heartbeats (a
+        hostile flood of "64-GPU" workers) is neither a rival that work is set aside for nor
+        spare capacity for the provisioning loop."""
+        window = 1.5 * max(self.settings.heartbeat_interval, self.settings.worker_poll_interval)
+        last = self.last_claim.get(worker["id"], worker["registered_at"] or 0.0)
+        return last >= self.clock() - window
+
+    def _better_idle(self, worker: dict[str, Any]) -> list[tuple[int, str, bool]]:
+        """(gpus, cluster, trusted) of idle workers ranked above this one that are alive (heard from
+        within a heartbeat interval and a half) and claiming, best first: the claim sets work
+        aside for them."""
         rivals = self.store.idle_rivals(worker["id"], worker["gpus"] or 0,
                                         worker["vram_gb"] or 0.0, worker["cluster"] or "")
         if not rivals:
@@ -483,9 +584,14 @@ class Service:
         mine = self._rank(worker)
         fresh = self.clock() - 1.5 * self.settings.heartbeat_interval
         better = [w for w in rivals if self._rank(w) < mine
-                  and self.last_seen.get(w["id"], 0) >= fresh]
+                  and self.last_seen.get(w["id"], 0) >= fresh and self.claiming(w)]
         better.sort(key=self._rank)
-        return [(w["gpus"] or 0, w["cluster"] or "") for w in better]
+        return [(w["gpus"] or 0, w["cluster"] or "", self.cluster_trusted(w["cluster"] or ""))
+                for w in better]
+
+    async def _worker_trusted(self, worker_id: str) -> bool:
+        worker = await self.store.run(self.store.get_worker, worker_id)
+        return worker is not None and self.cluster_trusted(worker["cluster"] or "")
 
     async def _check_holder(self, worker_id: str, job_id: str) -> None:
         """403 for a job this worker never held; a lease it lost is a 409 further on."""
@@ -513,12 +619,42 @@ class Service:
             raise BadRequest(f"job {job_id[:8]}: checkpoint {report.seq} is {size} bytes in "
                              f"storage but the report says {report.size}",
                              "checkpoint_size_mismatch", 422)
+        await self._check_manifest(job_id, report.seq)
+
+    async def _check_manifest(self, job_id: str, seq: int) -> None:
+        """Refuse at once a checkpoint whose manifest lists files the job's checkpoint globs do
+        not name (an honest mistake, or a worker trying to plant code). A lying manifest is
+        caught later by the restoring worker, which judges the archive itself; that is the
+        guarantee, this is the early warning."""
+        row = await self.store.run(self.store.get_job, job_id)
+        if row is None:
+            return
+        spec = BundleSpec.model_validate_json(row["spec"]).checkpoint
+        try:
+            raw = await self._storage(self.storage.get_bytes, manifest_key(job_id, seq))
+        except ObjectNotFound:
+            return  # the worker's restore checks the archive itself
+        try:
+            files = json.loads(raw)["files"]
+            names = [str(n) for n in files]
+        except (ValueError, TypeError, KeyError):
+            raise BadRequest(f"job {job_id[:8]}: checkpoint {seq}'s manifest is not a JSON "
+                             "object with a `files` map", "invalid_checkpoint", 422) from None
+        for name in names:
+            try:
+                why = checkpoint_refusal(name, spec.paths, spec.sentinel)
+            except BundleError as exc:
+                why = str(exc)
+            if why is not None:
+                log.warning("job %s: refused checkpoint %d: %s", job_id[:8], seq, why)
+                raise BadRequest(f"job {job_id[:8]}: {why}", "invalid_checkpoint", 422)
 
     async def report_checkpoint(self, worker_id: str, job_id: str,
                                 report: CheckpointReport) -> Job:
         await self._check_holder(worker_id, job_id)
         await self._verify_uploaded(job_id, report)
-        row = await self.machine.accept_checkpoint(job_id, worker_id, report)
+        row = await self.machine.accept_checkpoint(job_id, worker_id, report,
+                                                   await self._worker_trusted(worker_id))
         if report.progress is not None:  # newer than the last heartbeat's, until the next one
             self._progress[job_id] = (worker_id, report.attempt,
                                       report.progress.model_dump(exclude_none=True))
@@ -529,9 +665,11 @@ class Service:
     async def release(self, worker_id: str, job_id: str, attempt: int, reason: str,
                       report: CheckpointReport | None) -> Job:
         await self._check_holder(worker_id, job_id)
+        self.last_claim[worker_id] = self.clock()  # idle again and about to claim
         if report is not None:
             await self._verify_uploaded(job_id, report)
-        row = await self.machine.release(job_id, worker_id, attempt, reason, report)
+        row = await self.machine.release(job_id, worker_id, attempt, reason, report,
+                                         await self._worker_trusted(worker_id))
         self._progress.pop(job_id, None)
         self.changed("jobs", job_id)
         self.changed("workers", worker_id)
@@ -542,9 +680,11 @@ class Service:
     async def complete(self, worker_id: str, job_id: str, attempt: int,
                        report: CheckpointReport | None) -> Job:
         await self._check_holder(worker_id, job_id)
+        self.last_claim[worker_id] = self.clock()  # idle again and about to claim
         if report is not None:
             await self._verify_uploaded(job_id, report)
-        row = await self.machine.complete(job_id, worker_id, attempt, report)
+        row = await self.machine.complete(job_id, worker_id, attempt, report,
+                                          await self._worker_trusted(worker_id))
         self._progress.pop(job_id, None)
         self.changed("jobs", job_id)
         self.changed("workers", worker_id)
@@ -555,6 +695,7 @@ class Service:
     async def fail(self, worker_id: str, job_id: str, attempt: int, exit_code: int | None,
                    reason: str, log_tail: str) -> Job:
         await self._check_holder(worker_id, job_id)
+        self.last_claim[worker_id] = self.clock()  # idle again and about to claim
         row = await self.machine.fail(job_id, worker_id, attempt, exit_code, reason, log_tail)
         self._progress.pop(job_id, None)
         if row["status"] == JobStatus.failed:

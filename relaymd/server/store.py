@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 
 from sqlite_utils import Database, Migrations
 
+from relaymd.fsutil import private_dir, private_file
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -87,8 +89,24 @@ def m002_clusters(db: Database) -> None:
     db.table("clusters").create({"name": str, "enabled": int, "updated_at": float}, pk="name")
 
 
+@migrations()
+def m003_trust(db: Database) -> None:
+    # trusted_only: the job may run only on workers of trusted clusters (never on Salad).
+    # checkpoints.untrusted: written by a worker of an untrusted cluster (NULL/0: trusted).
+    db.table("jobs").add_column("trusted_only", int, not_null_default=0)
+    db.table("checkpoints").add_column("untrusted", int, not_null_default=0)
+
+
 class WrongThread(RuntimeError):
     pass
+
+
+class RegistrationCapped(Exception):
+    """A cluster already holds as many live workers as it may."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(f"cap of {cap} live workers reached")
+        self.cap = cap
 
 
 @dataclass
@@ -152,12 +170,19 @@ class Store:
         self._pool.shutdown(wait=True)
 
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent, fix_existing=False)
+        # 0600 before SQLite opens it (SQLite would create it 0644 less the umask); SQLite gives
+        # the -wal and -shm files it creates the database file's mode.
+        private_file(self.path)
         self._thread = threading.get_ident()
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
         conn.row_factory = sqlite3.Row
         db = Database(conn)
         db.enable_wal()
+        for suffix in ("-wal", "-shm"):  # left by an older version or another umask: fix them
+            side = self.path.with_name(self.path.name + suffix)
+            if side.exists():
+                private_file(side)
         conn.execute("PRAGMA busy_timeout = 10000")
         # NORMAL in WAL mode: a commit survives a process crash (kill -9); only an OS crash or
         # power loss can lose the last transactions, never corrupt the file.
@@ -352,14 +377,15 @@ class Store:
     def claim_next(
         self, worker_id: str, gpus: int, set_fields: dict[str, Any], now: float,
         event: dict[str, Any], worker_fields: dict[str, Any],
-        cluster: str = "", better: Sequence[tuple[int, str]] = (),
+        cluster: str = "", better: Sequence[tuple[int, str, bool]] = (), trusted: bool = True,
     ) -> dict[str, Any] | None:
         """Assign the best queued job this worker can run, in one conditional write.
 
-        A job with `preferred_clusters` is only for workers of those clusters; a job is never
+        A job with `preferred_clusters` is only for workers of those clusters, a `trusted_only`
+        one only for workers of trusted clusters (`trusted`); a job is never
         given back to a worker it failed on (a full disk or a bad GPU must not use up a job's
         whole failure budget on one node). `better` lists
-        the (gpus, cluster) of idle workers that rank above this one: each is set aside the
+        the (gpus, cluster, trusted) of idle workers that rank above this one: each is set aside the
         first queued job it could run, and this worker takes the first job nobody better is
         set aside for (none left: no claim). All writes are serialised on this thread, so the
         chosen job is still queued when the UPDATE runs.
@@ -374,21 +400,22 @@ class Store:
                 self.conn.execute("ROLLBACK")
                 return None
             candidates = self.conn.execute(
-                """SELECT id, gpus, preferred_clusters FROM jobs
-                   WHERE status = 'queued' AND gpus <= ?
+                """SELECT id, gpus, preferred_clusters, trusted_only FROM jobs
+                   WHERE status = 'queued' AND gpus <= ? AND (trusted_only = 0 OR ?)
                      AND (preferred_clusters IS NULL OR EXISTS (
                           SELECT 1 FROM json_each(jobs.preferred_clusters) WHERE value = ?))
                      AND NOT EXISTS (SELECT 1 FROM events e WHERE e.job_id = jobs.id
                                      AND e.kind = 'fail' AND e.worker_id = ?)
                    ORDER BY priority DESC, created_at, rowid LIMIT ?""",
-                [gpus, cluster, worker_id, len(better) + 1],
+                [gpus, int(trusted), cluster, worker_id, len(better) + 1],
             ).fetchall()
             spare = list(better)
             chosen = None
             for cand in candidates:
                 allowed = load_json(cand["preferred_clusters"])
                 taker = next((b for b in spare if b[0] >= cand["gpus"]
-                              and (allowed is None or b[1] in allowed)), None)
+                              and (allowed is None or b[1] in allowed)
+                              and (b[2] or not cand["trusted_only"])), None)
                 if taker is None:
                     chosen = cand["id"]
                     break
@@ -563,12 +590,20 @@ class Store:
         assert worker is not None
         return worker
 
-    def register_worker(self, row: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
+    def register_worker(self, row: dict[str, Any], event: dict[str, Any],
+                        cap: int | None = None) -> dict[str, Any]:
         """Insert a registering worker, or turn its placeholder (same cluster and provider id,
         still provisioning) into it: one transaction, so the provisioning loop never sees the
-        pending request and the worker both, nor neither."""
+        pending request and the worker both, nor neither. With `cap`, a cluster already holding
+        that many live (idle or busy) workers gets RegistrationCapped and nothing is written."""
         self._begin()
         try:
+            if cap is not None:
+                live = self.conn.execute(
+                    "SELECT COUNT(*) FROM workers WHERE cluster = ? AND status IN ('idle', 'busy')",
+                    [row["cluster"]]).fetchone()[0]
+                if live >= cap:
+                    raise RegistrationCapped(cap)
             placeholder = None
             if row.get("provider_id"):
                 placeholder = self.conn.execute(
@@ -604,7 +639,7 @@ class Store:
         cluster or more VRAM), on the read-only connection: every claim asks, and in a fleet
         of identical workers the answer is empty without reading them all into Python."""
         return self.reader.execute(
-            "SELECT id, gpus, vram_gb, cluster, provider FROM workers "
+            "SELECT id, gpus, vram_gb, cluster, provider, registered_at FROM workers "
             "WHERE status = 'idle' AND id != ? AND (gpus > ? OR (gpus = ? AND "
             "(IFNULL(cluster, '') != ? OR IFNULL(vram_gb, 0) > ?)))",
             [worker_id, gpus, gpus, cluster, vram_gb]).fetchall()
@@ -623,7 +658,8 @@ class Store:
 
     def queued_jobs(self, limit: int = 10000) -> list[dict[str, Any]]:
         rows = self.conn.execute(
-            "SELECT id, gpus, preferred_clusters, blocked_reason FROM jobs WHERE status = 'queued' "
+            "SELECT id, gpus, preferred_clusters, blocked_reason, trusted_only FROM jobs "
+            "WHERE status = 'queued' "
             "ORDER BY priority DESC, created_at, rowid LIMIT ?", [limit]).fetchall()
         return [dict(r) for r in rows]
 

@@ -127,7 +127,8 @@ class StateMachine:
     # ------------------------------------------------------------------ worker-driven
 
     async def claim(self, worker_id: str, gpus: int, cluster: str = "",
-                    better: Sequence[tuple[int, str]] = ()) -> dict[str, Any] | None:
+                    better: Sequence[tuple[int, str, bool]] = (),
+                    trusted: bool = True) -> dict[str, Any] | None:
         now = self.clock()
         return await self.store.run(
             self.store.claim_next, worker_id, gpus,
@@ -135,7 +136,7 @@ class StateMachine:
              "progress": None, "blocked_reason": None},
             now, {"kind": "claim", "worker_id": worker_id, "from_status": "queued",
                   "to_status": "assigned", "reason": "claimed"},
-            {"status": str(W.busy)}, cluster, better,
+            {"status": str(W.busy)}, cluster, better, trusted,
         )
 
     async def start(self, job_id: str, worker_id: str, attempt: int) -> dict[str, Any]:
@@ -145,8 +146,9 @@ class StateMachine:
             set_fields={"updated_at": now, "started_at": Expr(f"COALESCE(started_at, {now!r})")},
             event=self._event("start", "engine started", worker_id, attempt=attempt)))
 
-    def _checkpoint_parts(self, job_id: str, worker_id: str, report: CheckpointReport
-                          ) -> tuple[dict[str, Any], tuple[str, list[Any]], tuple[str, dict[str, Any]]]:
+    def _checkpoint_parts(
+            self, job_id: str, worker_id: str, report: CheckpointReport, trusted: bool = True,
+    ) -> tuple[dict[str, Any], tuple[str, list[Any]], tuple[str, dict[str, Any]]]:
         now = self.clock()
         fields = {
             "latest_checkpoint": report.seq, "checkpoints": Expr("checkpoints + 1"),
@@ -161,15 +163,17 @@ class StateMachine:
             "sha256": report.sha256, "size": report.size, "attempt": report.attempt,
             "worker_id": worker_id, "created_at": now,
             "progress": dumps(report.progress.model_dump()) if report.progress else None,
+            "untrusted": 0 if trusted else 1,
         })
         return fields, where, insert
 
     async def _with_checkpoint(self, action: str, job_id: str, worker_id: str,
-                               report: CheckpointReport | None, change: JobChange) -> dict[str, Any]:
+                               report: CheckpointReport | None, change: JobChange,
+                               trusted: bool = True) -> dict[str, Any]:
         if report is not None:
             if report.attempt != change.attempt:
                 raise InvalidCheckpoint("checkpoint attempt differs from the request's attempt")
-            fields, where, insert = self._checkpoint_parts(job_id, worker_id, report)
+            fields, where, insert = self._checkpoint_parts(job_id, worker_id, report, trusted)
             change.set_fields = {**fields, **change.set_fields}
             change.extra_where = where
             change.inserts.append(insert)
@@ -197,31 +201,35 @@ class StateMachine:
         raise AssertionError("unreachable")
 
     async def accept_checkpoint(self, job_id: str, worker_id: str,
-                                report: CheckpointReport) -> dict[str, Any]:
+                                report: CheckpointReport, trusted: bool = True) -> dict[str, Any]:
         change = self._leased("checkpoint", job_id, worker_id, report.attempt, str(R),
                               event=self._event("checkpoint", f"checkpoint {report.seq} accepted",
                                                 worker_id, attempt=report.attempt))
-        return await self._with_checkpoint("checkpoint", job_id, worker_id, report, change)
+        return await self._with_checkpoint("checkpoint", job_id, worker_id, report, change,
+                                           trusted)
 
     async def release(self, job_id: str, worker_id: str, attempt: int, reason: str,
-                      report: CheckpointReport | None = None) -> dict[str, Any]:
+                      report: CheckpointReport | None = None,
+                      trusted: bool = True) -> dict[str, Any]:
         now = self.clock()
         change = self._leased(
             "release", job_id, worker_id, attempt, str(Q),
             set_fields={"worker_id": None, "updated_at": now},
             worker_update=self._free_worker(worker_id, job_id),
             event=self._event("release", reason, worker_id, attempt=attempt))
-        return await self._with_checkpoint("release", job_id, worker_id, report, change)
+        return await self._with_checkpoint("release", job_id, worker_id, report, change, trusted)
 
     async def complete(self, job_id: str, worker_id: str, attempt: int,
-                       report: CheckpointReport | None = None) -> dict[str, Any]:
+                       report: CheckpointReport | None = None,
+                       trusted: bool = True) -> dict[str, Any]:
         now = self.clock()
         change = self._leased(
             "complete", job_id, worker_id, attempt, str(DONE),
             set_fields={"updated_at": now, "finished_at": now},
             worker_update=self._free_worker(worker_id, job_id, consecutive_failures=0),
             event=self._event("complete", "engine finished", worker_id, attempt=attempt))
-        return await self._with_checkpoint("complete", job_id, worker_id, report, change)
+        return await self._with_checkpoint("complete", job_id, worker_id, report, change,
+                                           trusted)
 
     async def fail(self, job_id: str, worker_id: str, attempt: int, exit_code: int | None,
                    reason: str, log_tail: str) -> dict[str, Any]:

@@ -36,6 +36,7 @@ def job_from_row(row: dict[str, Any], progress: dict[str, Any] | None = None) ->
         last_checkpoint_at=to_datetime(row["last_checkpoint_at"]),
         preferred_clusters=load_json(row["preferred_clusters"]),
         queue_blocked_reason=row["blocked_reason"] if row["status"] == "queued" else None,
+        trusted_only=bool(row["trusted_only"]),
     )
 
 
@@ -82,6 +83,7 @@ def checkpoint_from_row(row: dict[str, Any]) -> CheckpointInfo:
         attempt=row["attempt"], worker_id=row["worker_id"],
         created_at=to_datetime(row["created_at"]),
         progress=Progress.model_validate(progress) if progress else None,
+        trusted=not row["untrusted"],
     )
 
 

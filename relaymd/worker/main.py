@@ -25,6 +25,7 @@ from typing import Any
 
 from relaymd.client import ApiError, Client
 from relaymd.config import Settings
+from relaymd.fsutil import private_dir
 from relaymd.models import (
     Assignment,
     CheckpointReport,
@@ -34,8 +35,8 @@ from relaymd.models import (
     to_datetime,
 )
 from relaymd.secrets import redact_logs
-from relaymd.storage import IntegrityError, ObjectNotFound, Storage, log_key
-from relaymd.storage.bundle import BundleError, extract_bundle
+from relaymd.storage import IntegrityError, ObjectNotFound, Storage, log_key, manifest_key
+from relaymd.storage.bundle import BundleError, extract_bundle, extract_checkpoint
 from relaymd.worker.checkpoint import IncompleteCheckpoint, Signature, Watcher
 from relaymd.worker.engine import Engine
 from relaymd.worker.gateway import Gateway
@@ -46,6 +47,8 @@ log = logging.getLogger("relaymd.worker")
 LOW_DISK = 64 << 20  # bytes free below which a failure is blamed on the disk too
 STOP_GRACE = 10.0  # for a cancelled job or a lost lease: nobody waits for its checkpoint
 SETTLE_LOOKS = 5  # looks, `settle_seconds` apart, before a moving set waits for the next poll
+RESTORE_MARGIN = 1 << 20  # bytes a checkpoint may unpack past its manifest's sum (plus 1%)
+RESTORE_DISK_RESERVE = 64 << 20  # a restore never leaves the disk with less free than this
 
 
 class PrepareError(Exception):
@@ -235,17 +238,22 @@ class Worker:
 
     async def restore(self, a: Assignment, job_dir: Path, ckpt: Path) -> None:
         """Unpack the newest accepted checkpoint; one that is corrupt in storage (sha256
-        mismatch, gone, not a valid archive) is reported and the next older one is tried. Never
-        a silent fresh start: with no usable checkpoint left the attempt fails."""
+        mismatch, gone, not a valid archive) or hostile (anything but files the job's
+        checkpoint globs name, bigger than its manifest says) is reported and the next older one
+        is tried. Never a silent fresh start: with no usable checkpoint left the attempt fails."""
         assert a.checkpoint_key is not None and a.checkpoint_sha256 is not None
         candidates = [(a.checkpoint_seq, a.checkpoint_key, a.checkpoint_sha256)]
         candidates += [(c.seq, c.key, c.sha256) for c in a.older_checkpoints]
+        spec = a.job.spec.checkpoint
         rejected = []
         for seq, key, sha in candidates:
             try:
                 await self.gateway.call("download checkpoint", self.storage.get_file, key, ckpt,
                                         expected_sha256=sha, give_up_after=300)
-                await asyncio.to_thread(extract_bundle, ckpt, job_dir)
+                limit = await self.restore_limit(a.job.id, seq, job_dir)
+                staging = ckpt.with_name(f"restore-{seq}")
+                await asyncio.to_thread(extract_checkpoint, ckpt, job_dir, staging, spec.paths,
+                                        spec.sentinel, limit)
             except (IntegrityError, ObjectNotFound, BundleError) as exc:
                 log.error("checkpoint %s is unusable: %s", key, exc,
                           extra={"job_id": a.job.id})
@@ -256,7 +264,7 @@ class Worker:
                 if seq is not None and len(rejected) < len(candidates):
                     with contextlib.suppress(ApiError):
                         await self.gateway.call("reject checkpoint", self.client.reject_checkpoint,
-                                                a.job.id, seq, a.attempt, str(exc),
+                                                a.job.id, seq, a.attempt, str(exc)[:500],
                                                 give_up_after=60)
                 continue
             except Exception as exc:  # storage unreachable for minutes: not the checkpoint's fault
@@ -268,10 +276,30 @@ class Worker:
         raise PrepareError(f"no usable checkpoint for job {a.job.id[:8]} (unusable: "
                            f"{', '.join(rejected)}); refusing to start it from scratch")
 
+    async def restore_limit(self, job_id: str, seq: int | None, job_dir: Path) -> int:
+        """How many bytes a checkpoint may unpack to: what its manifest declares plus a margin
+        (tar headers, a file grown between the look and the pack), and never more than the
+        disk holds. Without a readable manifest, the disk alone bounds it."""
+        free = shutil.disk_usage(job_dir).free - RESTORE_DISK_RESERVE
+        if seq is None:
+            return free
+        try:
+            raw = await self.gateway.call("download manifest", self.storage.get_bytes,
+                                          manifest_key(job_id, seq), give_up_after=60)
+            files = json.loads(raw)["files"]
+            declared = sum(int(v) for v in files.values())
+        except ObjectNotFound:
+            log.warning("checkpoint %d of job %s has no manifest; bounding it by the free disk",
+                        seq, job_id[:8])
+            return free
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise BundleError(f"checkpoint {seq} has an unreadable manifest ({exc})") from None
+        return min(declared + RESTORE_MARGIN + declared // 100, free)
+
     async def run_job(self, a: Assignment) -> None:
         job = a.job
         work = self.settings.workdir
-        work.mkdir(parents=True, exist_ok=True)
+        private_dir(work)  # 0700: job dirs hold inputs and checkpoints, on shared nodes too
         job_dir = work / f"{job.id[:12]}-attempt{a.attempt}"
         shutil.rmtree(job_dir, ignore_errors=True)
         run = JobRun(a, job_dir)

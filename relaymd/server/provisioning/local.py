@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,8 +60,10 @@ class LocalWorker:
 
 class LocalProvider:
     def __init__(self, settings: Settings, service: Service, url: str,
-                 cluster: ClusterConfig | None = None) -> None:
+                 cluster: ClusterConfig | None = None,
+                 token: Callable[[], str] | None = None) -> None:
         self.cluster = cluster or local_cluster(settings)
+        self.token = token  # the cluster's bootstrap token (None: the worker finds its own)
         self.settings = settings
         self.service = service
         self.url = url
@@ -105,6 +108,8 @@ class LocalProvider:
                "RELAYMD_CLUSTER": self.cluster.name,
                "RELAYMD_WORKER_IDLE": "immediate_exit"}
         env.pop("RELAYMD_TOKEN", None)  # the worker registers with the bootstrap token
+        if self.token is not None:
+            env["RELAYMD_WORKER_TOKEN"] = self.token()
         with open(log_path, "ab") as out:
             proc = subprocess.Popen([sys.executable, "-m", "relaymd", "worker"], env=env,
                                     stdin=subprocess.DEVNULL, stdout=out,

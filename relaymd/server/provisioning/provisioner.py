@@ -26,6 +26,7 @@ from typing import Any
 
 from relaymd.config import ClusterConfig, Settings
 from relaymd.models import ClusterInfo, to_datetime
+from relaymd.server.auth import Tokens
 from relaymd.server.provisioning.base import Provider, ProviderError, Seen
 from relaymd.server.provisioning.local import LocalProvider
 from relaymd.server.provisioning.strategies import ClusterView, Decision, decide
@@ -57,11 +58,19 @@ def group_by_cluster(workers: list[dict[str, Any]]) -> dict[str, list[dict[str, 
 
 
 def build_provider(cluster: ClusterConfig, settings: Settings, service: Service, url: str,
-                   worker_token: str) -> Provider:
+                   tokens: Tokens) -> Provider:
+    """The provider of one cluster; its workers get that cluster's bootstrap token (looked up
+    at each request, so a rotated token applies to the next submission)."""
+    def token() -> str:
+        value = tokens.for_cluster(cluster.name)
+        if value is None:
+            raise ProviderError(f"cluster {cluster.name}: no bootstrap token")
+        return value
+
     if cluster.provider == "slurm":
         from relaymd.server.provisioning.slurm import SlurmProvider
 
-        return SlurmProvider(cluster, settings, service, url, worker_token)
+        return SlurmProvider(cluster, settings, service, url, token)
     if cluster.provider == "salad":
         from relaymd.server.provisioning.salad import SaladProvider
 
@@ -71,7 +80,7 @@ def build_provider(cluster: ClusterConfig, settings: Settings, service: Service,
             raise ProviderError(f"cluster {cluster.name}: no Salad API key; set salad.api_key "
                                 "for the cluster or RELAYMD_SALAD_API_KEY")
         return SaladProvider(cluster, key.get_secret_value())
-    return LocalProvider(settings, service, url, cluster)
+    return LocalProvider(settings, service, url, cluster, token)
 
 
 class Provisioner:
@@ -130,8 +139,7 @@ class Provisioner:
             mine = by_cluster.get(name, [])
             state.view = ClusterView(
                 waiting=waiting.get(name, 0),
-                idle=sum(w["status"] == "idle" for w in mine),
-                busy=sum(w["status"] == "busy" for w in mine),
+                idle=self.spare(mine), busy=sum(w["status"] == "busy" for w in mine),
                 pending=state.seen.pending, live_jobs=live_jobs)
             config = state.config.model_copy(update={"enabled": self.enabled(name)})
             decision = decide(config, state.view)
@@ -165,6 +173,11 @@ class Provisioner:
                 self.service.changed("clusters", name)
             state.decision, state.decided_at = decision, now
 
+    def spare(self, workers: list[dict[str, Any]]) -> int:
+        """Idle workers that count as capacity: those still asking for work."""
+        return sum(w["status"] == "idle" and (self.service is None or self.service.claiming(w))
+                   for w in workers)
+
     def route(self, queued: list[dict[str, Any]], workers: list[dict[str, Any]]
               ) -> tuple[dict[str, int], dict[str, str | None]]:
         """Queued jobs -> clusters, best first while they have room; and why the rest wait."""
@@ -175,7 +188,7 @@ class Provisioner:
                 continue
             c = state.config
             mine = by_cluster.get(name, [])
-            idle = sum(w["status"] == "idle" for w in mine)
+            idle = self.spare(mine)
             alive = sum(w["status"] in ("idle", "busy") for w in mine) + state.seen.pending
             can_ask = max(0, min(c.max_pending - state.seen.pending, c.max_workers - alive))
             room[name] = idle + state.seen.pending + can_ask
@@ -183,10 +196,12 @@ class Provisioner:
         blocked: dict[str, str | None] = {}
         for job in queued:
             allowed = load_json(job["preferred_clusters"])
+            trusted_only = bool(job.get("trusted_only"))
             able = [n for n, s in self.clusters.items() if self.enabled(n)
-                    and s.gpus >= job["gpus"] and (allowed is None or n in allowed)]
+                    and s.gpus >= job["gpus"] and (allowed is None or n in allowed)
+                    and (s.config.trusted or not trusted_only)]
             if not able:
-                blocked[job["id"]] = self.why_blocked(job["gpus"], allowed)
+                blocked[job["id"]] = self.why_blocked(job["gpus"], allowed, trusted_only)
                 continue
             target = next((n for n in able if room[n] > 0), None)
             if target is None:  # everyone able is full: it waits on the best of them
@@ -199,8 +214,14 @@ class Provisioner:
             waiting[target] = waiting.get(target, 0) + 1
         return waiting, blocked
 
-    def why_blocked(self, gpus: int, allowed: list[str] | None) -> str:
+    def why_blocked(self, gpus: int, allowed: list[str] | None, trusted_only: bool = False) -> str:
         names = [n for n in self.clusters if allowed is None or n in allowed]
+        if trusted_only:
+            untrusted = [n for n in names if not self.clusters[n].config.trusted]
+            names = [n for n in names if n not in untrusted]
+            if not names:
+                return ("trusted-only job: no trusted cluster is configured"
+                        + (f" ({', '.join(untrusted)} untrusted)" if untrusted else ""))
         if allowed is not None:
             unknown = [n for n in allowed if n not in self.clusters]
             if not names:

@@ -96,14 +96,16 @@ def parse_scontrol_state(stdout: str) -> str | None:
 
 class SlurmProvider:
     def __init__(self, cluster: ClusterConfig, settings: Settings, service: Service, url: str,
-                 worker_token: str, clock: Callable[[], float] = time.time) -> None:
+                 worker_token: str | Callable[[], str],
+                 clock: Callable[[], float] = time.time) -> None:
         assert cluster.slurm is not None
         self.cluster = cluster
         self.slurm: SlurmSettings = cluster.slurm
         self.settings = settings
         self.service = service
         self.url = self.slurm.orchestrator_url or url
-        self.worker_token = worker_token
+        # The cluster's own bootstrap token (a callable: a rotated token applies at once).
+        self.worker_token = worker_token if callable(worker_token) else lambda: worker_token
         self.clock = clock
         self.submitted = 0
         self.first_running: dict[str, float] = {}  # placeholder SLURM id -> first seen RUNNING
@@ -158,7 +160,7 @@ class SlurmProvider:
         env = {
             **self.settings.storage_env(),
             "RELAYMD_URL": self.url,
-            "RELAYMD_WORKER_TOKEN": self.worker_token,
+            "RELAYMD_WORKER_TOKEN": self.worker_token(),
             "RELAYMD_CLUSTER": self.cluster.name,
             "RELAYMD_PLATFORM": "hpc",
             "RELAYMD_WORKER_IDLE": "immediate_exit",
