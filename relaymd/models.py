@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 JOB_ID_LENGTH = 32  # uuid4().hex
+# Variables a job's `env:` may not set: the worker's own settings and secrets live there.
+RESERVED_ENV_PREFIXES = ("RELAYMD_", "AWS_", "INFISICAL_", "TAILSCALE_")
 
 
 class JobStatus(StrEnum):
@@ -102,6 +104,21 @@ class BundleSpec(Strict):
     # Run only on workers of trusted clusters (the operator's HPC account, this machine), never
     # on untrusted ones (Salad: strangers' PCs).
     trusted_only: bool = False
+    # More environment for the engine (it sees only an allow-list of the worker's own).
+    env: dict[str, str] = Field(default_factory=dict, max_length=200)
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
+        for name, value in env.items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", name):
+                raise ValueError(f"env name {name[:130]!r} is not a variable name")
+            if name.upper().startswith(RESERVED_ENV_PREFIXES):
+                raise ValueError(f"env name {name!r}: {', '.join(RESERVED_ENV_PREFIXES)}* "
+                                 "variables are the worker's own (its secrets among them)")
+            if "\x00" in value or len(value) > 8192:
+                raise ValueError(f"env {name}: value has a NUL byte or is over 8192 characters")
+        return env
 
 
 # --------------------------------------------------------------------------- jobs

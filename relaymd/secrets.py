@@ -652,6 +652,18 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+SECRET_ENV_PREFIXES = ("RELAYMD_", "AWS_", "INFISICAL_", "TAILSCALE_")
+SECRET_ENV_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "CREDENTIAL", "AUTH")
+
+
+def environment_secrets(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Values in the environment that look like secrets (RELAYMD_WORKER_TOKEN,
+    AWS_SECRET_ACCESS_KEY, INFISICAL_CLIENT_SECRET, TAILSCALE_AUTHKEY, ...): for redaction."""
+    source = os.environ if environ is None else environ
+    return [v for k, v in source.items() if k.upper().startswith(SECRET_ENV_PREFIXES)
+            and any(w in k.upper() for w in SECRET_ENV_WORDS) and len(v) >= 8]
+
+
 def redact_logs(values: Iterable[str | None]) -> None:
     """Install (or extend) a RedactSecrets filter on every handler of the root logger."""
     for handler in logging.getLogger().handlers:

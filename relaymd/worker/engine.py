@@ -14,11 +14,30 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def engine_env(extra: dict[str, str] | None) -> dict[str, str]:
-    """The worker's environment for the engine, with the worker's own Python first on PATH: a
-    job's `python -m relaymd.engines.openmm ...` then runs where relaymd and OpenMM are
+# What the engine may see of the worker's environment: an allow-list, because the worker's
+# environment holds its secrets (bootstrap and session tokens, S3 keys, the Infisical machine
+# identity, a Tailscale key; on a login node even the operator token) and an engine is the job
+# owner's code, which may print its environment into a log that lands in the database and in
+# storage. Anything else a job needs goes in `env:` of its relaymd.yaml.
+ENGINE_ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR",
+    "HOSTNAME", "LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONHASHSEED",
+    "VIRTUAL_ENV", "CONDA_PREFIX",
+})
+ENGINE_ENV_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "OPENMM_", "OMP_", "MKL_", "OPENBLAS_",
+                       "NCCL_", "SLURM_", "SALAD_")
+
+
+def engine_env(extra: dict[str, str] | None,
+               environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The engine's environment: the allow-listed part of the worker's, then `extra` (the
+    job's `env:` and RELAYMD_JOB_ID and friends), with the worker's own Python first on PATH:
+    a job's `python -m relaymd.engines.openmm ...` then runs where relaymd and OpenMM are
     installed (a venv or a container), not whatever `python` the login shell found."""
-    env = {**os.environ, **(extra or {})}
+    source = os.environ if environ is None else environ
+    env = {k: v for k, v in source.items()
+           if k in ENGINE_ENV_NAMES or k.startswith(ENGINE_ENV_PREFIXES)}
+    env.update(extra or {})
     bindir = os.path.dirname(sys.executable)
     path = env.get("PATH", "")
     if bindir and bindir not in path.split(os.pathsep):

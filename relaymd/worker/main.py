@@ -34,7 +34,7 @@ from relaymd.models import (
     WorkerRegister,
     to_datetime,
 )
-from relaymd.secrets import redact_logs
+from relaymd.secrets import RedactSecrets, environment_secrets, redact_logs
 from relaymd.storage import IntegrityError, ObjectNotFound, Storage, log_key, manifest_key
 from relaymd.storage.bundle import BundleError, extract_bundle, extract_checkpoint
 from relaymd.worker.checkpoint import IncompleteCheckpoint, Signature, Watcher
@@ -92,6 +92,9 @@ class Worker:
         self.shutting_down = asyncio.Event()
         self.shutdown_reason = ""
         self.exit_now = False
+        # Every secret this worker knows, scrubbed from the engine's log before it leaves.
+        self.redactor = RedactSecrets([*settings.secret_values(), *environment_secrets(),
+                                       client.token])
 
     # ------------------------------------------------------------------ life
 
@@ -135,6 +138,7 @@ class Worker:
         reg = await self.gateway.call("register", self.client.register, req)
         self.client.set_token(reg.token)
         redact_logs([reg.token])
+        self.redactor.add(reg.token)
         self.worker_id = reg.worker_id
         self.heartbeat_interval = reg.heartbeat_interval
         self.heartbeat_timeout = reg.heartbeat_timeout
@@ -328,7 +332,8 @@ class Worker:
             watcher.mark_restored()
         log_path = run.job_dir.parent / f"{run.job_dir.name}.log"
         engine = Engine(spec.command, run.job_dir, log_path, env={
-            "RELAYMD_JOB_ID": run.job_id, "RELAYMD_ATTEMPT": str(run.attempt)})
+            **spec.env, "RELAYMD_JOB_ID": run.job_id, "RELAYMD_ATTEMPT": str(run.attempt),
+            "RELAYMD_JOB_DIR": str(run.job_dir)})
         await engine.start()
         exited = asyncio.create_task(engine.wait())
         stopped = asyncio.create_task(run.stopped.wait())
@@ -367,7 +372,7 @@ class Worker:
         else:
             await self.settle("fail", run, exit_code=code,
                               reason=f"engine exited with code {code}{self.disk_note()}",
-                              log_tail=engine.tail())
+                              log_tail=self.redactor.redact(engine.tail()))
 
     async def end_stopped(self, run: JobRun, watcher: Watcher, engine: Engine) -> None:
         reason = run.stop_reason
@@ -471,7 +476,8 @@ class Worker:
 
     async def upload_log(self, run: JobRun, engine: Engine) -> None:
         try:
-            data = gzip.compress(engine.log_path.read_bytes()[-(8 << 20):])
+            text = engine.log_path.read_bytes()[-(8 << 20):].decode(errors="replace")
+            data = gzip.compress(self.redactor.redact(text).encode())
             await self.gateway.call("upload log", self.storage.put_bytes,
                                     log_key(run.job_id, run.attempt), data, overwrite=True,
                                     give_up_after=60)
