@@ -143,6 +143,9 @@ ROUTES = [
     Route("GET", f"{V1}/clusters", "list_clusters", "operator", reply=list[ClusterInfo]),
     Route("POST", f"{V1}/clusters/{{name}}/enable", "enable_cluster", "operator", reply=ClusterInfo),
     Route("POST", f"{V1}/clusters/{{name}}/disable", "disable_cluster", "operator", reply=ClusterInfo),
+    Route("GET", f"{V1}/tokens", "list_tokens", "operator", reply=list[dict[str, Any]]),
+    Route("GET", f"{V1}/tokens/{{name}}", "show_token", "operator", reply=dict[str, str]),
+    Route("POST", f"{V1}/tokens/{{name}}/rotate", "rotate_token", "operator", reply=dict[str, str]),
     Route("POST", f"{V1}/workers/register", "register", "bootstrap", WorkerRegister, WorkerRegistered),
     Route("POST", f"{V1}/workers/{{worker_id}}/heartbeat", "heartbeat", "worker", Heartbeat,
           HeartbeatReply),
@@ -247,6 +250,8 @@ class World:
         return self.http.post(self.url + path, headers={"Authorization": f"Bearer {token}"}, **kw)
 
     def register(self, **fields: Any) -> tuple[str, str]:
+        # The fuzzing may have rotated the local cluster's bootstrap token: read the current one.
+        self.tokens["bootstrap"] = self.server.tokens()["worker"]
         r = self.post(f"{V1}/workers/register", self.tokens["bootstrap"], json=fields)
         assert r.status_code == 201, r.text
         return r.json()["worker_id"], r.json()["token"]
