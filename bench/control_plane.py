@@ -428,7 +428,7 @@ class Bench:
 
         async def one(w: SimWorker) -> None:
             body = json.dumps({"name": f"bench-{w.index}", "hostname": f"bench-{w.index}",
-                               "gpus": 1, "cluster": "bench"}).encode()
+                               "gpus": 1}).encode()  # cluster: the token's (local)
             res = await self.rec.call("setup:register", self.pool, b"POST",
                                       b"/api/v1/workers/register", self.boot_headers, body)
             if res:

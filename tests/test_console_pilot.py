@@ -135,7 +135,7 @@ async def test_a_worker_claiming_updates_both_tables_without_a_tick(
             import json
 
             c = Client(orch.url, json.loads(tokens)["worker"])
-            reg = c.register(WorkerRegister(hostname="node-7", gpus=1, cluster="delta"))
+            reg = c.register(WorkerRegister(hostname="node-7", gpus=1))  # cluster: local
             c.set_token(reg.token)
             assert c.claim() is not None
             return reg.worker_id
@@ -145,7 +145,7 @@ async def test_a_worker_claiming_updates_both_tables_without_a_tick(
                     "the job to show assigned")
         await until(pilot, lambda: workers.row_count == 1 and
                     workers.get_row(worker_id)[1].plain == "busy", "the worker to show busy")
-        assert jobs.get_row(job["id"])[7] == "delta", "the job's cluster comes from its worker"
+        assert jobs.get_row(job["id"])[7] == "local", "the job's cluster comes from its worker"
 
 
 async def test_a_change_event_reads_only_the_changed_job() -> None:

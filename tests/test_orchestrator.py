@@ -24,14 +24,14 @@ async def test_store_is_wal_with_busy_timeout_and_versioned(tmp_path: Path) -> N
     try:
         assert await store.run(store.journal_mode) == "wal"
         assert await store.run(store.busy_timeout) == 10000
-        assert await store.run(store.schema_version) == ["m001_initial", "m002_clusters"]
+        assert await store.run(store.schema_version) == ["m001_initial", "m002_clusters", "m003_trust"]
         with pytest.raises(WrongThread):
             store.get_job("x")  # not on the store thread
     finally:
         await store.close()
     again = Store(tmp_path / "r.db")
     await again.open()  # migrations are idempotent
-    assert await again.run(again.schema_version) == ["m001_initial", "m002_clusters"]
+    assert await again.run(again.schema_version) == ["m001_initial", "m002_clusters", "m003_trust"]
     await again.close()
 
 
