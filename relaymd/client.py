@@ -83,7 +83,7 @@ class Client:
     def __init__(self, url: str, token: str | None, timeout: float = 30.0,
                  transport: httpx.BaseTransport | None = None, proxy: str | None = None) -> None:
         self.url = url.rstrip("/")
-        self.token = token  # the one it was made with (a worker's bootstrap token)
+        self.initial_token = token  # the one it was made with (a worker's bootstrap token)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         if transport is None:
             # Without TCP_NODELAY a POST's body waits on the server's delayed ACK of its

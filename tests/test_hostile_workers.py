@@ -344,3 +344,42 @@ def test_secrets_an_engine_prints_are_redacted_from_its_log_tail_and_stored_log(
         d.last_failure.log_tail
     stored = gzip.decompress(orch.settings.open_storage().get_bytes(log_key(job_id, 1))).decode()
     assert secret not in stored and "****" in stored, stored
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def test_tokens_are_listed_masked_shown_and_rotated_with_the_old_one_refused_at_once(
+        clocked: tuple[RunningOrchestrator, FakeClock]) -> None:
+    import subprocess
+
+    orch, _ = clocked
+    env = {"RELAYMD_HOME": str(orch.settings.home), "PATH": "/usr/bin:/bin"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "relaymd", *args], capture_output=True,
+                              text=True, env=env, timeout=60)
+
+    old = orch.bootstrap_token("salad")
+    listed = json.loads(cli("tokens", "--json").stdout)
+    assert [(t["cluster"], t["trusted"]) for t in listed] == [
+        ("hpc", True), ("local", True), ("salad", False)], listed
+    assert not any(t["token"] in (old, orch.bootstrap_token("hpc"), orch.bootstrap_token())
+                   for t in listed), "tokens --json shows a token in clear"
+    table = cli("tokens").stdout
+    assert "salad" in table and old not in table
+    shown = cli("tokens", "show", "salad")
+    assert (shown.returncode, shown.stdout.strip()) == (0, old), shown
+    salad, salad_id = orch.worker(cluster="salad", gpus=1)  # registered before the rotation
+
+    rotated = cli("tokens", "rotate", "salad")
+    new = rotated.stdout.strip()
+    assert rotated.returncode == 0 and new and new != old, rotated
+    assert register_raw(orch, old).status_code == 401, "the old token still registers"
+    assert register_raw(orch, new).status_code == 201
+    assert orch.bootstrap_token("salad") == new, "the rotation was not saved"
+    salad.heartbeat(salad_id)  # a worker already registered keeps its session
+    provider = orch.orch.provisioner.clusters["hpc"].provider
+    assert provider.token() == orch.bootstrap_token("hpc"), "providers hand out their cluster's"
+    unknown = cli("tokens", "rotate", "nope")
+    assert unknown.returncode == 1 and "no cluster 'nope'" in unknown.stderr, unknown

@@ -94,7 +94,7 @@ class Worker:
         self.exit_now = False
         # Every secret this worker knows, scrubbed from the engine's log before it leaves.
         self.redactor = RedactSecrets([*settings.secret_values(), *environment_secrets(),
-                                       client.token])
+                                       client.initial_token])
 
     # ------------------------------------------------------------------ life
 
