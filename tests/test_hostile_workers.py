@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import io
 import json
+import subprocess
 import sys
 import tarfile
 import uuid
@@ -132,6 +133,14 @@ def test_code_planted_in_a_checkpoint_never_runs_on_the_next_worker(
     listed = op.get_job(job_id).checkpoint_list
     assert [(c.seq, c.trusted) for c in listed] == [(1, True), (2, False)], \
         "the stranger's checkpoint is not marked as written by an untrusted worker"
+    for command in ("checkpoints", "job"):  # what a chemist reads
+        shown = subprocess.run(
+            [sys.executable, "-m", "relaymd", command, job_id], capture_output=True, text=True,
+            env={"RELAYMD_HOME": str(orch.settings.home), "PATH": "/usr/bin:/bin",
+                 "COLUMNS": "200"}, timeout=60).stdout
+        lines = [ln for ln in shown.splitlines() if "MB" in ln]
+        assert len(lines) == 2 and "untrusted" not in lines[0] and \
+            "untrusted worker" in lines[1], shown
 
     w = start_worker(orch, tmp_path)  # this machine's worker: trusted
     assert w.wait(60) == 0, why(tmp_path)
@@ -351,8 +360,6 @@ def test_secrets_an_engine_prints_are_redacted_from_its_log_tail_and_stored_log(
 
 def test_tokens_are_listed_masked_shown_and_rotated_with_the_old_one_refused_at_once(
         clocked: tuple[RunningOrchestrator, FakeClock]) -> None:
-    import subprocess
-
     orch, _ = clocked
     env = {"RELAYMD_HOME": str(orch.settings.home), "PATH": "/usr/bin:/bin"}
 

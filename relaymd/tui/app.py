@@ -452,13 +452,18 @@ class RelayApp(App[None]):
         text.append(f"{d.command}\n", style="dim")
         if d.preferred_clusters:
             text.append(f"runs only on {', '.join(d.preferred_clusters)}\n")
+        if d.trusted_only:
+            text.append("runs only on trusted clusters\n")
         if d.queue_blocked_reason:
             text.append(f"waiting: {d.queue_blocked_reason}\n", style="bold yellow")
         if d.checkpoint_list:
             text.append("\ncheckpoints\n", style="bold")
             for c in d.checkpoint_list[-8:]:
                 text.append(f"  {c.seq:>4}  {c.size / 1e6:8.2f} MB  "
-                            f"{ago(c.created_at.timestamp(), now):>6} ago  {c.worker_id[:8]}\n")
+                            f"{ago(c.created_at.timestamp(), now):>6} ago  {c.worker_id[:8]}")
+                if not c.trusted:  # a stranger's machine (Salad) held the job when it wrote it
+                    text.append("  untrusted worker", style="yellow")
+                text.append("\n")
         text.append("\nevents\n", style="bold")
         for e in d.events[-12:]:
             text.append(f"  {e.at:%m-%d %H:%M} ", style="dim")
