@@ -390,3 +390,102 @@ def test_tokens_are_listed_masked_shown_and_rotated_with_the_old_one_refused_at_
     assert provider.token() == orch.bootstrap_token("hpc"), "providers hand out their cluster's"
     unknown = cli("tokens", "rotate", "nope")
     assert unknown.returncode == 1 and "no cluster 'nope'" in unknown.stderr, unknown
+
+
+# --------------------------------------------------------------------------- restore rules
+
+
+def test_a_checkpoint_bigger_than_its_manifest_says_is_refused_before_it_fills_the_disk(
+        orch: RunningOrchestrator, tmp_path: Path) -> None:
+    """20 MB of state that compresses to a few KB, declared as 100 bytes: the restoring worker
+    stops at the manifest's size (plus its margin), rejects it and resumes from the good one."""
+    total = 20
+    job_id = submit_stepper(orch, tmp_path, total=total, every=5, max_attempts=1)
+    salad, _ = orch.worker(cluster="salad", gpus=0)
+    for state, padding in (({"n": 5, "x": expected_result(5)}, 0),
+                           ({"n": 10, "x": expected_result(10)}, 20 << 20)):
+        a = salad.claim()
+        assert a is not None and a.job.id == job_id
+        data = json.dumps(state).encode() + b" " * padding
+        report = upload_checkpoint(orch, salad, job_id, a.attempt, {"state.json": data}, [])
+        orch.settings.open_storage().put_bytes(  # the manifest claims a small file
+            f"jobs/{job_id}/checkpoints/{report.seq:06d}.json",
+            json.dumps({"files": {"state.json": 100}}).encode(), overwrite=True)
+        salad.release(job_id, a.attempt, "hand-off", report)
+    w = start_worker(orch, tmp_path)
+    assert w.wait(60) == 0, why(tmp_path)
+    d = orch.operator().get_job(job_id)
+    assert d.status == "completed", d.last_failure
+    assert steps_done(tmp_path, job_id) == total - 5, "did not fall back to the first checkpoint"
+    (rejected,) = [e for e in d.events if e.kind == "checkpoint_rejected"]
+    assert rejected.seq == 2 and "unpacked size" in rejected.reason, rejected
+
+
+def restore(tmp_path: Path, files: dict[str, bytes] | bytes, patterns: list[str],
+            sentinel: str | None = None, limit: int = 1 << 20) -> Path:
+    from relaymd.storage.bundle import extract_checkpoint
+
+    job_dir = tmp_path / "job"
+    job_dir.mkdir(exist_ok=True)
+    (job_dir / "run.py").write_text("print('the real engine')\n")
+    archive = tmp_path / "ckpt.tar.gz"
+    archive.write_bytes(files if isinstance(files, bytes) else tarball(files))
+    staging = tmp_path / f"staging-{uuid.uuid4().hex[:6]}"
+    extract_checkpoint(archive, job_dir, staging, patterns, sentinel, limit)
+    return job_dir
+
+
+def special_tarball(kind: str) -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w:gz") as tar:
+        ok = tarfile.TarInfo("state.chk")
+        ok.size = 2
+        tar.addfile(ok, io.BytesIO(b"ok"))
+        info = tarfile.TarInfo("x.chk")
+        if kind == "dir":
+            info.type = tarfile.DIRTYPE
+        elif kind == "symlink":
+            info.type, info.linkname = tarfile.SYMTYPE, "run.py"
+        elif kind == "hardlink":
+            info.type, info.linkname = tarfile.LNKTYPE, "state.chk"
+        else:
+            info.type = tarfile.FIFOTYPE
+        tar.addfile(info)
+    return raw.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["dir", "symlink", "hardlink", "fifo"])
+def test_restore_refuses_anything_but_regular_files_and_changes_nothing(
+        tmp_path: Path, kind: str) -> None:
+    from relaymd.storage.bundle import BundleError
+
+    with pytest.raises(BundleError):
+        restore(tmp_path, special_tarball(kind), ["*.chk"])
+    job_dir = tmp_path / "job"
+    assert sorted(p.name for p in job_dir.iterdir()) == ["run.py"], "a refused archive left files"
+
+
+@pytest.mark.parametrize(("names", "patterns", "allowed"), [
+    (["state.chk"], ["*.chk"], True),
+    (["r0/a_ckpt.xml", "r1/b_ckpt.xml"], ["r*/*.xml"], True),  # AToM-OpenMM's replicas
+    (["deep/er/x.chk"], ["**/*.chk"], True),
+    (["ckpt_is_valid", "r0/a.xml"], ["r*/*.xml"], True),  # the sentinel
+    (["sub/state.chk"], ["*.chk"], False),  # `*` stays in its own directory
+    (["run.py", "state.chk"], ["*.chk"], False),
+    (["relaymd.yaml"], ["*"], False),  # never, whatever the globs say
+])
+def test_restore_takes_only_what_the_checkpoint_globs_name(
+        tmp_path: Path, names: list[str], patterns: list[str], allowed: bool) -> None:
+    from relaymd.storage.bundle import BundleError
+
+    files = {n: f"data of {n}".encode() for n in names}
+    if allowed:
+        job_dir = restore(tmp_path, files, patterns, sentinel="ckpt_is_valid")
+        for n in names:
+            assert (job_dir / n).read_bytes() == files[n]
+            assert (job_dir / n).stat().st_mode & 0o777 == 0o600, "restored with an exec bit"
+    else:
+        with pytest.raises(BundleError):
+            restore(tmp_path, files, patterns, sentinel="ckpt_is_valid")
+        assert (tmp_path / "job" / "run.py").read_text() == "print('the real engine')\n"
+        assert sorted(p.name for p in (tmp_path / "job").iterdir()) == ["run.py"]

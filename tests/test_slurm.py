@@ -266,7 +266,8 @@ def test_a_cluster_behind_ssh_submits_and_watches_through_it(
         calls = log.read_text().splitlines()
         assert any(c.endswith("login.example.org bash -s") for c in calls), calls
         assert any("login.example.org squeue -h -t all -j" in c for c in calls), calls
-        token = orch.tokens()["worker"]
+        assert {w.cluster for w in op.workers()} == {"dev"}, "a worker registered elsewhere"
+        token = orch.bootstrap_token("dev")  # the cluster's own: what its sbatch environment gets
         assert not any(token in c for c in calls), "the bootstrap token was on ssh's command line"
         (script,) = (orch.settings.home / "slurm" / "dev").glob("*.sbatch")
         text = script.read_text()
