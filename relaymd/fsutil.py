@@ -41,3 +41,18 @@ def private_file(path: Path) -> Path:
     finally:
         os.close(fd)
     return path
+
+
+def private_path(path: Path, *, create: bool = True) -> None:
+    """Make `path` 0600 without ever opening an existing file (see Store._open: closing a
+    descriptor drops the process's POSIX locks on the file, SQLite's among them). A missing file
+    is created empty and 0600 when `create`, and left missing otherwise."""
+    if create:
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE))
+        except FileExistsError:
+            pass
+    try:
+        os.chmod(path, PRIVATE_FILE)
+    except FileNotFoundError:
+        pass

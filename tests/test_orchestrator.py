@@ -4,7 +4,9 @@ a quiet terminal, and the headless import contract."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -138,3 +140,46 @@ def test_server_and_client_never_import_textual() -> None:
             "print('textual' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _posix_locks(pid: int, path: Path) -> list[str]:
+    inode = path.stat().st_ino
+    return [line for line in Path("/proc/locks").read_text().splitlines()
+            if " POSIX " in line and int(line.split()[4]) == pid
+            and int(line.split()[5].rsplit(":", 1)[1]) == inode]
+
+
+async def test_opening_the_store_keeps_sqlites_locks_on_its_wal_index(tmp_path: Path) -> None:
+    """Making the database's files private must not open and close them: closing any descriptor
+    of a file drops every POSIX lock the process holds on it, and a -shm whose lock is gone can
+    be reinitialised by the next process that opens the database under a live connection (the
+    chaos run saw the orchestrator die of SIGBUS)."""
+    db = tmp_path / "r.db"
+    # An orchestrator killed -9 leaves its -wal and -shm behind; the next one opens them.
+    subprocess.run([sys.executable, "-c", "import os, sqlite3, sys; c = sqlite3.connect("
+                    "sys.argv[1]); c.execute('PRAGMA journal_mode=WAL'); c.execute('CREATE "
+                    "TABLE t (x)'); c.commit(); os._exit(0)", str(db)], check=True, timeout=60)
+    assert (tmp_path / "r.db-shm").exists()
+    store = Store(db)
+    await store.open()
+    try:
+        await store.run(store.count_jobs_by_status)
+        shm = tmp_path / "r.db-shm"
+        assert _posix_locks(os.getpid(), shm), "this process holds no lock on the -shm"
+        assert oct(shm.stat().st_mode & 0o777) == oct(0o600)
+    finally:
+        await store.close()
+
+
+async def test_a_failed_write_leaves_no_transaction_open(tmp_path: Path) -> None:
+    store = Store(tmp_path / "r.db")
+    await store.open()
+    try:
+        with pytest.raises(sqlite3.Error):  # a value SQLite cannot bind, inside the transaction
+            await store.run(store.write_progress, [(["not", "an", "id"], "w", 1, {"done": 1})])
+        with pytest.raises(sqlite3.Error):
+            await store.run(store.write_heartbeats, [(object(), 1.0)])
+        assert not await store.run(lambda: store.conn.in_transaction)
+        await store.run(store.write_heartbeats, [("w1", 5.0)])  # the next write still works
+    finally:
+        await store.close()

@@ -10,11 +10,12 @@ synchronous and refuse to run on any other thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any, TypeVar
 
 from sqlite_utils import Database, Migrations
 
-from relaymd.fsutil import private_dir, private_file
+from relaymd.fsutil import private_dir, private_path
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -171,18 +172,20 @@ class Store:
 
     def _open(self) -> None:
         private_dir(self.path.parent, fix_existing=False)
-        # 0600 before SQLite opens it (SQLite would create it 0644 less the umask); SQLite gives
-        # the -wal and -shm files it creates the database file's mode.
-        private_file(self.path)
+        # 0600 whatever the umask. Never by opening the files: closing any descriptor of a file
+        # drops every POSIX lock this process holds on it, SQLite's included, and a database
+        # whose -shm lost its locks can be reinitialised by another process under a live
+        # connection (SIGBUS, found by bench/chaos.py). A missing file is created 0600 before
+        # SQLite opens it (nobody can hold a lock on a file that did not exist); existing files
+        # are chmod-ed by path, which touches no lock.
+        private_path(self.path)
         self._thread = threading.get_ident()
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
         conn.row_factory = sqlite3.Row
         db = Database(conn)
         db.enable_wal()
-        for suffix in ("-wal", "-shm"):  # left by an older version or another umask: fix them
-            side = self.path.with_name(self.path.name + suffix)
-            if side.exists():
-                private_file(side)
+        for suffix in ("-wal", "-shm"):  # SQLite creates these with the database's mode
+            private_path(self.path.with_name(self.path.name + suffix), create=False)
         conn.execute("PRAGMA busy_timeout = 10000")
         # NORMAL in WAL mode: a commit survives a process crash (kill -9); only an OS crash or
         # power loss can lose the last transactions, never corrupt the file.
@@ -221,10 +224,23 @@ class Store:
 
     # ------------------------------------------------------------------ transactions
 
-    def _begin(self) -> None:
-        # IMMEDIATE takes the write lock up front: a deferred transaction that reads then writes
-        # can fail with SQLITE_BUSY_SNAPSHOT despite busy_timeout.
-        self.conn.execute("BEGIN IMMEDIATE")
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: BEGIN IMMEDIATE, then COMMIT when the block ends (a `return`
+        inside it included: a block that wrote nothing commits nothing), ROLLBACK when it
+        raises, so no error can leave a transaction open for the next BEGIN to trip on.
+        IMMEDIATE takes the write lock up front: a deferred transaction that reads then writes
+        can fail with SQLITE_BUSY_SNAPSHOT despite busy_timeout."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        if conn.in_transaction:
+            conn.execute("COMMIT")
 
     def _insert(self, table: str, row: dict[str, Any]) -> int:
         cols = ", ".join(row)
@@ -254,14 +270,9 @@ class Store:
     # ------------------------------------------------------------------ jobs
 
     def insert_job(self, row: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
-        self._begin()
-        try:
+        with self._transaction():
             self._insert("jobs", row)
             self._event(event)
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
         job = self.get_job(row["id"])
         assert job is not None
         return job
@@ -337,8 +348,7 @@ class Store:
         if change.extra_where is not None:
             where.append(f"({change.extra_where[0]})")
             wparams.extend(change.extra_where[1])
-        self._begin()
-        try:
+        with self._transaction():
             prior = self.conn.execute(
                 "SELECT status FROM jobs WHERE id = ?", [change.job_id]
             ).fetchone()
@@ -347,7 +357,6 @@ class Store:
                 [*params, *wparams],
             ).fetchone()
             if row is None:
-                self.conn.execute("ROLLBACK")
                 return False, self.get_job(change.job_id)
             if change.worker_update is not None:
                 worker_id, fields = change.worker_update
@@ -367,11 +376,6 @@ class Store:
                     "job_id": change.job_id, "from_status": prior[0], "to_status": row["status"],
                     **change.event,
                 })
-            self.conn.execute("COMMIT")
-        except BaseException:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise
         return True, dict(row)
 
     def claim_next(
@@ -391,13 +395,11 @@ class Store:
         chosen job is still queued when the UPDATE runs.
         """
         sets, params = self._set_clause({"status": "assigned", **set_fields})
-        self._begin()
-        try:
+        with self._transaction():
             worker = self.conn.execute(
                 "SELECT status FROM workers WHERE id = ?", [worker_id]
             ).fetchone()
             if worker is None or worker[0] != "idle":
-                self.conn.execute("ROLLBACK")
                 return None
             candidates = self.conn.execute(
                 """SELECT id, gpus, preferred_clusters, trusted_only FROM jobs
@@ -421,7 +423,6 @@ class Store:
                     break
                 spare.remove(taker)
             if chosen is None:
-                self.conn.execute("ROLLBACK")
                 return None
             row = self.conn.execute(
                 f"UPDATE jobs SET {sets} WHERE id = ? AND status = 'queued' RETURNING *",
@@ -430,12 +431,7 @@ class Store:
             job = dict(row)
             self._update("workers", worker_id, {**worker_fields, "job_id": job["id"]})
             self._event({**event, "job_id": job["id"], "attempt": job["attempt"], "at": now})
-            self.conn.execute("COMMIT")
             return job
-        except BaseException:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise
 
     def reserve_checkpoint_seq(self, job_id: str, worker_id: str, attempt: int,
                                live_states: Sequence[str]) -> int | None:
@@ -482,38 +478,25 @@ class Store:
     def prune_checkpoints(self, job_id: str, keep: int) -> int | None:
         """Forget all but the newest `keep` accepted checkpoints of a job; returns the oldest seq
         kept (everything below it may go from storage), or None when there is nothing to prune."""
-        self._begin()
-        try:
+        with self._transaction():
             row = self.conn.execute(
                 "SELECT seq FROM checkpoints WHERE job_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?",
                 [job_id, keep - 1]).fetchone()
             if row is None:
-                self.conn.execute("COMMIT")
                 return None
             self.conn.execute("DELETE FROM checkpoints WHERE job_id = ? AND seq < ?",
                               [job_id, row[0]])
-            self.conn.execute("COMMIT")
-        except BaseException:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise
         return int(row[0])
 
     def purge_job(self, job_id: str, statuses: Sequence[str]) -> bool:
         """Delete a job with its checkpoints and events, only if it is in one of `statuses`."""
-        self._begin()
-        try:
+        with self._transaction():
             gone = self.conn.execute(
                 f"DELETE FROM jobs WHERE id = ? AND status IN ({', '.join('?' for _ in statuses)})",
                 [job_id, *statuses]).rowcount
             if gone:
                 self.conn.execute("DELETE FROM checkpoints WHERE job_id = ?", [job_id])
                 self.conn.execute("DELETE FROM events WHERE job_id = ?", [job_id])
-            self.conn.execute("COMMIT")
-        except BaseException:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise
         return bool(gone)
 
     def reject_checkpoint(self, job_id: str, worker_id: str, attempt: int, seq: int,
@@ -521,18 +504,15 @@ class Store:
         """Forget an accepted checkpoint found corrupt, by the job's current lease holder: the
         pointer falls back to the newest one left. None (nothing written) when the lease does
         not hold; the job row, unchanged, when the checkpoint is not (or no longer) accepted."""
-        self._begin()
-        try:
+        with self._transaction():
             job = self.conn.execute(
                 "SELECT * FROM jobs WHERE id = ? AND worker_id = ? AND attempt = ? "
                 "AND status IN ('assigned', 'running')", [job_id, worker_id, attempt]).fetchone()
             if job is None:
-                self.conn.execute("ROLLBACK")
                 return None
             gone = self.conn.execute("DELETE FROM checkpoints WHERE job_id = ? AND seq = ?",
                                      [job_id, seq]).rowcount
             if not gone:
-                self.conn.execute("COMMIT")
                 return dict(job)
             row = self.conn.execute(
                 """UPDATE jobs SET latest_checkpoint = (SELECT MAX(seq) FROM checkpoints
@@ -541,11 +521,6 @@ class Store:
                    WHERE id = ? RETURNING *""", [event["at"], job_id]).fetchone()
             self._event({**event, "job_id": job_id, "from_status": job["status"],
                          "to_status": job["status"], "seq": seq})
-            self.conn.execute("COMMIT")
-        except BaseException:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise
         return dict(row)
 
     def get_checkpoint(self, job_id: str, seq: int) -> dict[str, Any] | None:
@@ -567,25 +542,19 @@ class Store:
         rows = [(dumps(p), j, w, a) for j, w, a, p in items]
         if not rows:
             return
-        self._begin()
-        self.conn.executemany(
-            "UPDATE jobs SET progress = ? WHERE id = ? AND worker_id = ? AND attempt = ? "
-            "AND status IN ('assigned', 'running')",
-            rows,
-        )
-        self.conn.execute("COMMIT")
+        with self._transaction():
+            self.conn.executemany(
+                "UPDATE jobs SET progress = ? WHERE id = ? AND worker_id = ? AND attempt = ? "
+                "AND status IN ('assigned', 'running')",
+                rows,
+            )
 
     # ------------------------------------------------------------------ workers
 
     def insert_worker(self, row: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
-        self._begin()
-        try:
+        with self._transaction():
             self._insert("workers", row)
             self._event(event)
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
         worker = self.get_worker(row["id"])
         assert worker is not None
         return worker
@@ -596,8 +565,7 @@ class Store:
         still provisioning) into it: one transaction, so the provisioning loop never sees the
         pending request and the worker both, nor neither. With `cap`, a cluster already holding
         that many live (idle or busy) workers gets RegistrationCapped and nothing is written."""
-        self._begin()
-        try:
+        with self._transaction():
             if cap is not None:
                 live = self.conn.execute(
                     "SELECT COUNT(*) FROM workers WHERE cluster = ? AND status IN ('idle', 'busy')",
@@ -624,11 +592,6 @@ class Store:
                 event = {**event, "kind": "worker_activate", "from_status": "provisioning",
                          "reason": f"{event.get('reason', '')} (was placeholder)".strip()}
             self._event({**event, "worker_id": worker_id})
-            self.conn.execute("COMMIT")
-        except BaseException:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise
         worker = self.get_worker(worker_id)
         assert worker is not None
         return worker
@@ -666,19 +629,13 @@ class Store:
     def set_blocked_reasons(self, reasons: dict[str, str | None]) -> list[str]:
         """Write each queued job's blocked reason where it changed; returns the ids changed."""
         changed = []
-        self._begin()
-        try:
+        with self._transaction():
             for job_id, reason in reasons.items():
                 cur = self.conn.execute(
                     "UPDATE jobs SET blocked_reason = ? WHERE id = ? AND blocked_reason IS NOT ?",
                     [reason, job_id, reason])
                 if cur.rowcount:
                     changed.append(job_id)
-            self.conn.execute("COMMIT")
-        except BaseException:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise
         return changed
 
     def cluster_switches(self) -> dict[str, bool]:
@@ -742,34 +699,26 @@ class Store:
         states = list(from_states)
         sets, params = self._set_clause(fields)
         marks = ", ".join("?" for _ in states)
-        self._begin()
-        try:
+        with self._transaction():
             row = self.conn.execute(
                 f"UPDATE workers SET {sets} WHERE id = ? AND status IN ({marks}) RETURNING *",
                 [*params, worker_id, *states],
             ).fetchone()
             if row is None:
-                self.conn.execute("ROLLBACK")
                 return None
             self._event(event)
-            self.conn.execute("COMMIT")
-        except BaseException:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise
         return dict(row)
 
     def write_heartbeats(self, items: Iterable[tuple[str, float]]) -> None:
         rows = [(t, w) for w, t in items]
         if not rows:
             return
-        self._begin()
-        self.conn.executemany(
-            "UPDATE workers SET last_heartbeat_at = ? WHERE id = ? "
-            "AND (last_heartbeat_at IS NULL OR last_heartbeat_at < ?)",
-            [(t, w, t) for t, w in rows],
-        )
-        self.conn.execute("COMMIT")
+        with self._transaction():
+            self.conn.executemany(
+                "UPDATE workers SET last_heartbeat_at = ? WHERE id = ? "
+                "AND (last_heartbeat_at IS NULL OR last_heartbeat_at < ?)",
+                [(t, w, t) for t, w in rows],
+            )
 
 
 def load_json(value: str | None) -> Any:
