@@ -342,3 +342,46 @@ def test_corrupt_gzip_checksum_is_refused(job_dir: Path, tmp_path: Path) -> None
     bundle.write_bytes(bytes(data))
     with pytest.raises(BundleError, match="corrupt"):
         inspect_bundle(bundle)
+
+
+def _member(name: str, data: bytes) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info.tobuf(tarfile.PAX_FORMAT) + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE)
+
+
+def test_a_member_hidden_behind_an_invalid_header_is_refused(tmp_path: Path) -> None:
+    """Python's tar reader ends the archive silently at an unparsable header after the first
+    member; GNU tar skips it and lists what follows. Refused, so that what the worker extracts
+    is what every other tool would see."""
+    import shutil
+    import subprocess
+
+    garbage = b"\xff" * tarfile.BLOCKSIZE  # not a header: its checksum cannot match
+    raw = (_member("relaymd.yaml", b"command: 'true'\n") + garbage
+           + _member("run.py", b"print('hidden')\n") + b"\0" * tarfile.RECORDSIZE)
+    path = tmp_path / "hidden.tar.gz"
+    path.write_bytes(gzip.compress(raw, mtime=0))
+    with tarfile.open(path) as tar:  # what Python sees: one member, no error
+        assert tar.getnames() == ["relaymd.yaml"]
+    if shutil.which("tar"):
+        listed = subprocess.run(["tar", "-tzf", str(path)], capture_output=True, text=True)
+        assert "run.py" in listed.stdout, listed  # what GNU tar sees
+    with pytest.raises(BundleError, match="after its end-of-archive block"):
+        inspect_bundle(path)
+    with pytest.raises(BundleError, match="after its end-of-archive block"):
+        extract_bundle(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # Zero padding after the end, as every tar writer leaves, is fine.
+    ok = tmp_path / "ok.tar.gz"
+    ok.write_bytes(gzip.compress(_member("relaymd.yaml", b"command: 'true'\n")
+                                 + b"\0" * (3 * tarfile.RECORDSIZE), mtime=0))
+    assert inspect_bundle(ok).members == 1
+    if shutil.which("tar"):  # and so is what GNU tar writes
+        src = tmp_path / "src"
+        (src / "sub").mkdir(parents=True)
+        (src / "relaymd.yaml").write_text("command: 'true'\n")
+        (src / "sub" / "x.dat").write_bytes(os.urandom(3000))
+        gnu = tmp_path / "gnu.tar.gz"
+        subprocess.run(["tar", "-czf", str(gnu), "-C", str(src), "."], check=True)
+        assert inspect_bundle(gnu).members == 4  # ./, relaymd.yaml, sub/, sub/x.dat

@@ -156,7 +156,7 @@ async def test_opening_the_store_keeps_sqlites_locks_on_its_wal_index(tmp_path: 
     chaos run saw the orchestrator die of SIGBUS)."""
     db = tmp_path / "r.db"
     # An orchestrator killed -9 leaves its -wal and -shm behind; the next one opens them.
-    subprocess.run([sys.executable, "-c", "import os, sqlite3, sys; c = sqlite3.connect("
+    subprocess.run([sys.executable, "-c", "import os, sqlite3, sys; c = sqlite3.connect("  # noqa: ASYNC221
                     "sys.argv[1]); c.execute('PRAGMA journal_mode=WAL'); c.execute('CREATE "
                     "TABLE t (x)'); c.commit(); os._exit(0)", str(db)], check=True, timeout=60)
     assert (tmp_path / "r.db-shm").exists()

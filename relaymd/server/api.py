@@ -488,10 +488,15 @@ def create_app(service: Service, metrics: Metrics) -> HeartbeatFastPath:
     api = Api(service, metrics)
 
     async def not_found(request: Request, exc: Exception) -> Response:
-        return error(404, "not_found", f"no route {request.method} {request.url.path}")
+        path = request.url.path
+        hint = " (without the trailing slash)" if path.endswith("/") and path != "/" else ""
+        return error(404, "not_found", f"no route {request.method} {path}{hint}")
 
     async def bad_method(request: Request, exc: Exception) -> Response:
         return error(405, "method_not_allowed", f"{request.method} not allowed here")
 
     app = Starlette(routes=api.routes(), exception_handlers={404: not_found, 405: bad_method})
+    # No 307 to the slash-less path (an empty, non-JSON body that clients and the fuzzer had to
+    # special-case): a trailing slash is an unknown route, answered like any other.
+    app.router.redirect_slashes = False
     return HeartbeatFastPath(api, app)

@@ -13,6 +13,7 @@ import logging
 import tempfile
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ from relaymd.storage.bundle import BundleError, checkpoint_refusal, inspect_bund
 
 log = logging.getLogger(__name__)
 STORAGE_TIMEOUT = 300.0
+PENDING_BUNDLES = 1000  # uploaded bundles whose spec is kept in memory until their job exists
 REGISTRATION_MARGIN = 2  # live registrations a cluster may hold past its max_workers (at least)
 
 
@@ -125,7 +127,9 @@ class Service:
         self.last_seen: dict[str, float] = {}
         self._progress: dict[str, tuple[str, int, dict[str, Any]]] = {}
         self._job_json = JobJsonCache()
-        self._pending_bundles: dict[str, BundleUploaded] = {}
+        # Specs of bundles uploaded but not yet turned into jobs, newest last. Bounded: one that
+        # falls out is read back from storage if its job is ever created (_bundle_for).
+        self._pending_bundles: OrderedDict[str, BundleUploaded] = OrderedDict()
         # The console subscribes here: called with ("jobs", job_id) or ("workers", worker_id)
         # after each committed change, the id None when many rows may have changed.
         self.listeners: list[Callable[[str, str | None], None]] = []
@@ -185,6 +189,8 @@ class Service:
                                                           overwrite=True))
         uploaded = BundleUploaded(job_id=job_id, sha256=info.sha256, size=info.size, spec=spec)
         self._pending_bundles[job_id] = uploaded
+        while len(self._pending_bundles) > PENDING_BUNDLES:
+            self._pending_bundles.popitem(last=False)
         return uploaded
 
     async def _bundle_for(self, job_id: str) -> BundleUploaded:

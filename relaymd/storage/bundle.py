@@ -194,9 +194,15 @@ class _Meter:
         self._raw, self._limits = raw, limits
         self.out, self.allowed, self.member = 0, HEADER_ALLOWANCE, "(first header)"
         self.data_end = 0  # where the current member's data should end
+        self.recent = bytearray()  # the last TAIL_WINDOW bytes read, to judge the archive's end
+        self.zeros_only = False  # past the end-of-archive block: anything but zeros is refused
 
     def read(self, n: int = -1) -> bytes:
         data = self._gz.read(CHUNK if n < 0 or n > CHUNK else n)
+        if self.zeros_only and data.count(0) != len(data):
+            raise BundleError(_HIDDEN_MEMBERS)
+        self.recent += data
+        del self.recent[:-TAIL_WINDOW]
         if not data and n and self.out < self.data_end:
             # The archive ends inside a member's data: say so now. (tarfile's stream mode would
             # otherwise "skip" the missing bytes one empty read at a time: seconds per GiB
@@ -216,6 +222,25 @@ class _Meter:
                 f"{self._limits.max_ratio:.0f}x), a decompression bomb; refusing it"
             )
         return data
+
+
+TAIL_WINDOW = 256 << 10  # more than tarfile reads ahead of the header it stops at (a record)
+_HIDDEN_MEMBERS = ("bundle has non-zero data after its end-of-archive block (an invalid header "
+                   "that Python's tar reader takes for the end, where GNU tar skips ahead to "
+                   "more members); refusing it")
+
+
+def _check_archive_end(meter: _Meter, end: int) -> None:
+    """Python's tar reader stops, silently, at the first header it cannot parse after the first
+    member, as it does at the end-of-archive block; GNU tar and others skip such a header and
+    read on, so they would see members this reader never checked. A real archive ends with
+    zero blocks only: whatever follows the block the reader stopped at must be zeros."""
+    start = meter.out - len(meter.recent)
+    if end < start:
+        raise BundleError("bundle's end of archive lies out of reach; refusing it")
+    if meter.recent[end - start:].count(0) != meter.out - end:
+        raise BundleError(_HIDDEN_MEMBERS)
+    meter.zeros_only = True
 
 
 def _stays_inside(path: str, links: dict[str, str]) -> bool:
@@ -333,6 +358,7 @@ def _scan(path: Path, limits: BundleLimits, visit: Visitor | None = None) -> Bun
                     if visit is not None and visit(tar, member, name):
                         return None
                 checker.finish()
+                _check_archive_end(meter, tar.offset)
             meter.member, meter.allowed = "(end of archive)", meter.out + HEADER_ALLOWANCE
             while meter.read(CHUNK):  # on to gzip's end, which checks its CRC and length
                 pass
