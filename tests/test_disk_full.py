@@ -69,3 +69,50 @@ def test_a_full_worker_disk_fails_the_attempt_and_the_job_resumes_elsewhere(
     assert steps_done(tmp_path, job_id) < pad_at + total, "attempt 2 started from scratch"
     wait_for(lambda: not list((small_disk / "work").glob("*")), 5,
              "the full worker to clean its job dir")
+
+
+def test_a_full_orchestrator_disk_refuses_writes_with_503_keeps_reads_and_recovers(
+        tmp_path: Path, small_disk: Path) -> None:
+    """The database on a 4 MiB tmpfs filled to the last byte: every write is refused with a 503
+    that says why (never a 500, never half-recorded), reads keep working, the file is never
+    corrupted, and writes work again once there is room."""
+    import sqlite3
+
+    from relaymd.client import ApiError
+
+    from .conftest import submit
+
+    settings = make_settings(small_disk / "home", storage_url=f"file://{tmp_path / 'storage'}")
+    running = RunningOrchestrator(settings).start()
+    filler = small_disk / "filler"
+    try:
+        op = running.operator()
+        first = submit(op, tmp_path, title="before")
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while True:
+                os.write(fd, b"\0" * (64 << 10))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        refused = None
+        for i in range(200):  # the WAL may have a little room left in its last page
+            try:
+                submit(op, tmp_path, title=f"during-{i}")
+            except ApiError as exc:
+                refused = exc
+                break
+        assert refused is not None, "200 jobs created on a full disk"
+        assert (refused.status, refused.code) == (503, "database_unavailable"), refused
+        assert "free space" in refused.message
+        jobs = op.all_jobs()  # reads keep working
+        assert first in {j.id for j in jobs} and op.get_job(first).title == "before"
+        filler.unlink()
+        after = submit(op, tmp_path, title="after")
+        assert op.get_job(after).status == "queued"
+        with sqlite3.connect(settings.database_path) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        filler.unlink(missing_ok=True)
+        running.stop()

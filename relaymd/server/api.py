@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[Request, Principal | None], Awaitable[Response]]
 JOB_ID = r"^[0-9a-f]{32}$"
+DISK_ERRORS = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR}  # primary result codes
 
 
 def _has_lone_surrogate(value: Any) -> bool:
@@ -112,6 +114,12 @@ def to_response(exc: Exception) -> Response:
         return error(422, "invalid_checkpoint", str(exc))
     if isinstance(exc, StorageError):
         return error(503, "storage_unavailable", f"object storage failed: {exc}")
+    if isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorcode & 0xFF in DISK_ERRORS:
+        # The orchestrator's own disk is full (or failing): the write was rolled back whole and
+        # nothing was recorded; reads keep working, and writes again once there is room.
+        log.error("database write refused: %s (is the disk holding the database full?)", exc)
+        return error(503, "database_unavailable", f"the orchestrator could not write its "
+                     f"database ({exc}); nothing was recorded: free space on its disk and retry")
     raise exc
 
 
