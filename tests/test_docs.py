@@ -36,3 +36,23 @@ def test_readme_screenshot_is_a_snapshot_svg() -> None:
         path = ROOT / image
         assert path.is_file() and "__snapshots__" in image, image
         assert path.read_text().lstrip().startswith("<svg"), image
+
+
+def test_nothing_points_outside_the_repository() -> None:
+    for path in [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "deploy").rglob("*.md")]:
+        assert "../shared" not in path.read_text(), f"{path} points outside the repository"
+
+
+def test_the_design_names_every_module_and_only_real_ones() -> None:
+    text = (ROOT / "docs" / "design.md").read_text()
+    named = set(re.findall(r"`(relaymd/[\w/]+(?:\.py)?)`", text))
+    for name in named:
+        assert (ROOT / name).exists(), f"docs/design.md names {name}, which does not exist"
+    modules = [p for p in (ROOT / "relaymd").rglob("*.py") if p.name not in ("__init__.py",
+                                                                           "__main__.py")]
+    for module in modules:
+        rel = module.relative_to(ROOT).as_posix()
+        covered = rel in named or any(rel.startswith(n.rstrip("/") + "/") for n in named
+                                      if not n.endswith(".py")) \
+            or f"`{module.name}`" in text
+        assert covered, f"docs/design.md does not say what {rel} owns"
