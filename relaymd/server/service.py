@@ -43,6 +43,7 @@ from relaymd.models import (
     WorkerStatus,
 )
 from relaymd.secrets import redact_logs
+from relaymd.server import scheduling
 from relaymd.server.auth import Authenticator, hash_token, mask, new_token, write_tokens_file
 from relaymd.server.store import RegistrationCapped, Store, dumps
 from relaymd.server.transitions import (
@@ -565,24 +566,20 @@ class Service:
         return DEFAULT_CLUSTER_PRIORITY.get({"hpc": "slurm"}.get(provider, provider), 0)
 
     def _rank(self, w: Any) -> tuple[int, int, float]:
-        """Who gets work first among idle workers: more GPUs, then HPC before Salad (the
-        cluster's priority), then more VRAM. Smaller sorts first."""
-        return (-(w["gpus"] or 0), -self.cluster_priority(w["cluster"] or "", w["provider"] or ""),
-                -(w["vram_gb"] or 0.0))
+        return scheduling.rank(w["gpus"] or 0,
+                               self.cluster_priority(w["cluster"] or "", w["provider"] or ""),
+                               w["vram_gb"] or 0.0)
 
     def claiming(self, worker: Any) -> bool:
-        """Whether an idle worker is really after work: it asked for some (or registered)
-        within a poll interval and a half. One that registers and then only heartbeats (a
-        hostile flood of "64-GPU" workers) is neither a rival that work is set aside for nor
-        spare capacity for the provisioning loop."""
+        """Whether an idle worker is really after work (`scheduling.claiming`): it asked for
+        some, or registered, within a poll interval and a half."""
         window = 1.5 * max(self.settings.heartbeat_interval, self.settings.worker_poll_interval)
         last = self.last_claim.get(worker["id"], worker["registered_at"] or 0.0)
-        return last >= self.clock() - window
+        return scheduling.claiming(last, self.clock(), window)
 
-    def _better_idle(self, worker: dict[str, Any]) -> list[tuple[int, str, bool]]:
-        """(gpus, cluster, trusted) of idle workers ranked above this one that are alive (heard from
-        within a heartbeat interval and a half) and claiming, best first: the claim sets work
-        aside for them."""
+    def _better_idle(self, worker: dict[str, Any]) -> list[scheduling.Rival]:
+        """Idle workers ranked above this one that are alive (heard from within a heartbeat
+        interval and a half) and claiming, best first: the claim sets work aside for them."""
         rivals = self.store.idle_rivals(worker["id"], worker["gpus"] or 0,
                                         worker["vram_gb"] or 0.0, worker["cluster"] or "")
         if not rivals:
@@ -592,8 +589,8 @@ class Service:
         better = [w for w in rivals if self._rank(w) < mine
                   and self.last_seen.get(w["id"], 0) >= fresh and self.claiming(w)]
         better.sort(key=self._rank)
-        return [(w["gpus"] or 0, w["cluster"] or "", self.cluster_trusted(w["cluster"] or ""))
-                for w in better]
+        return [scheduling.Rival(w["gpus"] or 0, w["cluster"] or "",
+                                 self.cluster_trusted(w["cluster"] or "")) for w in better]
 
     async def _worker_trusted(self, worker_id: str) -> bool:
         worker = await self.store.run(self.store.get_worker, worker_id)

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from sqlite_utils import Database, Migrations
 
 from relaymd.fsutil import private_dir, private_path
+from relaymd.server.scheduling import Candidate, Rival, choose
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -381,7 +382,7 @@ class Store:
     def claim_next(
         self, worker_id: str, gpus: int, set_fields: dict[str, Any], now: float,
         event: dict[str, Any], worker_fields: dict[str, Any],
-        cluster: str = "", better: Sequence[tuple[int, str, bool]] = (), trusted: bool = True,
+        cluster: str = "", better: Sequence[Rival] = (), trusted: bool = True,
     ) -> dict[str, Any] | None:
         """Assign the best queued job this worker can run, in one conditional write.
 
@@ -389,7 +390,7 @@ class Store:
         one only for workers of trusted clusters (`trusted`); a job is never
         given back to a worker it failed on (a full disk or a bad GPU must not use up a job's
         whole failure budget on one node). `better` lists
-        the (gpus, cluster, trusted) of idle workers that rank above this one: each is set aside the
+        the idle workers that rank above this one: `scheduling.choose` sets aside for each the
         first queued job it could run, and this worker takes the first job nobody better is
         set aside for (none left: no claim). All writes are serialised on this thread, so the
         chosen job is still queued when the UPDATE runs.
@@ -411,17 +412,10 @@ class Store:
                    ORDER BY priority DESC, created_at, rowid LIMIT ?""",
                 [gpus, int(trusted), cluster, worker_id, len(better) + 1],
             ).fetchall()
-            spare = list(better)
-            chosen = None
-            for cand in candidates:
-                allowed = load_json(cand["preferred_clusters"])
-                taker = next((b for b in spare if b[0] >= cand["gpus"]
-                              and (allowed is None or b[1] in allowed)
-                              and (b[2] or not cand["trusted_only"])), None)
-                if taker is None:
-                    chosen = cand["id"]
-                    break
-                spare.remove(taker)
+            chosen = choose([Candidate(
+                id=c["id"], gpus=c["gpus"], trusted_only=bool(c["trusted_only"]),
+                clusters=None if c["preferred_clusters"] is None
+                else tuple(load_json(c["preferred_clusters"]))) for c in candidates], better)
             if chosen is None:
                 return None
             row = self.conn.execute(

@@ -17,6 +17,7 @@ from relaymd.models import (
     JobStatus,
     WorkerStatus,
 )
+from relaymd.server.scheduling import Rival
 from relaymd.server.store import Expr, JobChange, Store, dumps
 from relaymd.storage import checkpoint_key
 
@@ -127,7 +128,7 @@ class StateMachine:
     # ------------------------------------------------------------------ worker-driven
 
     async def claim(self, worker_id: str, gpus: int, cluster: str = "",
-                    better: Sequence[tuple[int, str, bool]] = (),
+                    better: Sequence[Rival] = (),
                     trusted: bool = True) -> dict[str, Any] | None:
         now = self.clock()
         return await self.store.run(
