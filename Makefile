@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup system run serve test test-binary binary lint bench clean
+.PHONY: setup system run serve test test-fast test-binary binary lint bench clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,11 @@ lint: setup
 
 test: setup system lint
 	$(BIN)/pytest -q
+
+# Unit and integration layers only (no worker processes, SLURM, benchmarks): a quick check
+# while working; `make test` is the one that counts.
+test-fast: setup lint
+	$(BIN)/pytest -q -m "not system"
 
 # The operator CLI as one self-contained executable (dist/relaymd) for login nodes without a
 # Python environment. Slow (a minute or two), so not part of `make test`; CI runs test-binary.

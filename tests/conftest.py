@@ -21,6 +21,29 @@ from relaymd.models import JobCreate, WorkerRegister  # noqa: E402
 from relaymd.server.orchestrator import Orchestrator  # noqa: E402
 from relaymd.storage.bundle import pack_directory  # noqa: E402
 
+# Each test file's layer (default: integration). `make test-fast` leaves out `system`.
+LAYERS = {
+    "unit": {
+        "test_bundle.py", "test_transitions.py", "test_scheduling.py", "test_config.py",
+        "test_secrets.py", "test_worker_units.py", "test_deploy_files.py", "test_docs.py",
+        "test_state_properties.py",
+    },
+    "system": {
+        "test_worker.py", "test_slurm.py", "test_chaos.py", "test_crash_safety.py",
+        "test_console_tmux.py", "test_bench_smoke.py", "test_bench_md_smoke.py",
+        "test_bench_storage_smoke.py", "test_binary.py", "test_disk_full.py",
+        "test_storage_outage.py", "test_openmm.py", "test_hostile_workers.py",
+        "test_local_provider.py", "test_tailscale.py",
+    },
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        name = item.path.name
+        layer = next((k for k, files in LAYERS.items() if name in files), "integration")
+        item.add_marker(getattr(pytest.mark, layer))
+
 
 class FakeClock:
     """A settable wall clock for deterministic liveness tests."""

@@ -56,3 +56,11 @@ def test_the_design_names_every_module_and_only_real_ones() -> None:
                                       if not n.endswith(".py")) \
             or f"`{module.name}`" in text
         assert covered, f"docs/design.md does not say what {rel} owns"
+
+
+def test_every_layered_test_file_exists() -> None:
+    from .conftest import LAYERS
+
+    for layer, files in LAYERS.items():
+        for name in files:
+            assert (ROOT / "tests" / name).is_file(), f"LAYERS[{layer!r}] names {name}: gone?"
