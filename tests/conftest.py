@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -127,6 +128,13 @@ class RunningOrchestrator:
         reg = client.register(WorkerRegister(**{"hostname": "test", "gpus": 1, **register}))
         client.set_token(reg.token)
         return client, reg.worker_id
+
+
+def free_port() -> int:
+    """A loopback port free right now (for a server a test starts in another process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def make_settings(home: Path, **kw: Any) -> Settings:

@@ -27,14 +27,12 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
+from .conftest import free_port
+
 WEED = Path(os.environ.get("VIRTUAL_ENV", "") or Path(__file__).resolve().parents[1] / ".venv") \
     / "bin" / "weed"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

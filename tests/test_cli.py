@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from typing import Any
 from relaymd.models import CheckpointReport, Progress
 from relaymd.storage import open_storage
 
-from .conftest import RunningOrchestrator, submit
+from .conftest import RunningOrchestrator, free_port, submit
 
 # The stable `--json` keys, copied from the README.
 JOB_KEYS = {
@@ -78,10 +77,6 @@ def one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
     return err
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def home_of(server: RunningOrchestrator) -> Path:

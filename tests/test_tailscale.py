@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import RunningOrchestrator, make_settings
+from .conftest import RunningOrchestrator, free_port, make_settings
 from .test_worker import expected_result, final_result, start_worker, submit_stepper
 
 FAKE_TAILSCALED = '''#!PYTHON
@@ -79,12 +79,6 @@ def fake_bin(tmp_path: Path) -> Path:
     return bin_dir
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_worker_joins_the_tailnet_and_calls_the_api_through_its_proxy(
