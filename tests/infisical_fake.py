@@ -30,14 +30,15 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import threading
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
+
+from .http_fake import FakeHTTPServer
 
 LOGIN = "/api/v1/auth/universal-auth/login"
 LIST_V4 = "/api/v4/secrets"
@@ -89,11 +90,12 @@ class _Token:
     uses: int = 0
 
 
-class FakeInfisical:
+class FakeInfisical(FakeHTTPServer):
     """Start it (the constructor does), point the provider's site_url at `base_url`, `close()`."""
 
     def __init__(self, client_id: str | None = None, client_secret: str | None = None,
                  projects: dict[str, dict[str, Folders]] | None = None, token_ttl: int = 7200) -> None:
+        super().__init__()
         self.identity = Identity(client_id or str(uuid.uuid4()),
                                  client_secret or secrets.token_hex(32))
         self.projects: dict[str, dict[str, Folders]] = projects if projects is not None else {}
@@ -104,56 +106,12 @@ class FakeInfisical:
         self.v4 = True  # False: a server from before /api/v4/secrets
         self.token_ttl = token_ttl
         self.tokens: dict[str, _Token] = {}
-        self.lock = threading.Lock()
         self.requests: list[Recorded] = []
         self.faults: list[Fault] = []
-        self._closing = threading.Event()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802 - http.server's names
-                fake.handle(self, "GET")
-
-            def do_POST(self) -> None:  # noqa: N802
-                fake.handle(self, "POST")
-
-            def do_PATCH(self) -> None:  # noqa: N802
-                fake.handle(self, "PATCH")
-
-            def do_DELETE(self) -> None:  # noqa: N802
-                fake.handle(self, "DELETE")
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request: Any, client_address: Any) -> None:
-                pass  # a client that timed out and hung up is what the hang fault is for
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
-        self.thread.start()
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def close(self) -> None:
-        self._closing.set()  # wakes hanging handlers
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(5)
-
-    def __enter__(self) -> FakeInfisical:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return self.origin
 
     # -- test controls ---------------------------------------------------------------------------
 
@@ -234,7 +192,7 @@ class FakeInfisical:
             self._send(req, fault.status, _error(fault.status, messages.get(fault.status, "Error"),
                                                  errors.get(fault.status, "Error")))
         elif fault.kind == "garbage":
-            self._send_raw(req, 200, b"<html><body><h1>502 Bad Gateway</h1>nginx</body></html>",
+            self.send_raw(req, 200, b"<html><body><h1>502 Bad Gateway</h1>nginx</body></html>",
                            "text/html")
         elif fault.kind == "wrong_shape":
             self._send(req, 200, {"data": [], "note": "not what Infisical answers"})
@@ -351,15 +309,7 @@ class FakeInfisical:
     # -- replies ---------------------------------------------------------------------------------
 
     def _send(self, req: BaseHTTPRequestHandler, status: int, payload: Any) -> None:
-        self._send_raw(req, status, json.dumps(payload).encode(), "application/json; charset=utf-8")
-
-    @staticmethod
-    def _send_raw(req: BaseHTTPRequestHandler, status: int, data: bytes, ctype: str) -> None:
-        req.send_response(status)
-        req.send_header("Content-Type", ctype)
-        req.send_header("Content-Length", str(len(data)))
-        req.end_headers()
-        req.wfile.write(data)
+        self.send_raw(req, status, json.dumps(payload).encode(), "application/json; charset=utf-8")
 
 
 _REFERENCE = re.compile(r"\$\{([^}]+)\}")

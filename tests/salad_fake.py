@@ -21,12 +21,13 @@ request received in `requests`.
 from __future__ import annotations
 
 import json
-import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from .http_fake import FakeHTTPServer
 
 PREFIX = "/api/public"  # the path part of https://api.salad.com/api/public
 MAX_REPLICAS = 500  # ContainerGroupPatch.replicas maximum
@@ -97,68 +98,22 @@ class FakeGroup:
         }
 
 
-class FakeSalad:
+class FakeSalad(FakeHTTPServer):
     """Start it, point the provider's base_url at `base_url`, `close()` when done."""
 
     def __init__(self, api_key: str = "salad-test-key", organization: str = "acme-lab",
                  project: str = "md-runs", group: str = "relaymd-workers") -> None:
+        super().__init__()
         self.api_key = api_key
-        self.lock = threading.Lock()
         self.groups: dict[tuple[str, str, str], FakeGroup] = {}
         self.group = self.add_group(organization, project, group)
         self.requests: list[Recorded] = []
         self.faults: list[Fault] = []
         self.new_instance_state = "running"  # what a new instance reports (Salad: allocating first)
-        self._closing = threading.Event()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802 - http.server's names
-                fake.handle(self, "GET")
-
-            def do_PATCH(self) -> None:  # noqa: N802
-                fake.handle(self, "PATCH")
-
-            def do_POST(self) -> None:  # noqa: N802
-                fake.handle(self, "POST")
-
-            def do_PUT(self) -> None:  # noqa: N802
-                fake.handle(self, "PUT")
-
-            def do_DELETE(self) -> None:  # noqa: N802
-                fake.handle(self, "DELETE")
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request: Any, client_address: Any) -> None:
-                pass  # a client that timed out and hung up is what the hang fault is for
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
-        self.thread.start()
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}{PREFIX}"
-
-    def close(self) -> None:
-        self._closing.set()  # wakes hanging handlers
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(5)
-
-    def __enter__(self) -> FakeSalad:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return self.origin + PREFIX
 
     # -- test controls ---------------------------------------------------------------------------
 
@@ -250,7 +205,7 @@ class FakeSalad:
         if fault.kind == "status":
             self._send(req, fault.status, _problem(fault.status, fault.detail), "application/json")
         elif fault.kind == "garbage":
-            self._send_raw(req, 200, b"<html><body>502 Bad Gateway (nginx)</body></html>",
+            self.send_raw(req, 200, b"<html><body>502 Bad Gateway (nginx)</body></html>",
                            "text/html")
         elif fault.kind == "wrong_shape":
             self._send(req, 200, {"items": [], "note": "not a container group"}, "application/json")
@@ -328,16 +283,7 @@ class FakeSalad:
 
     def _send(self, req: BaseHTTPRequestHandler, status: int, payload: Any, ctype: str) -> None:
         data = b"" if payload is None else json.dumps(payload).encode()
-        self._send_raw(req, status, data, ctype)
-
-    @staticmethod
-    def _send_raw(req: BaseHTTPRequestHandler, status: int, data: bytes, ctype: str) -> None:
-        req.send_response(status)
-        if data:
-            req.send_header("Content-Type", ctype)
-        req.send_header("Content-Length", str(len(data)))
-        req.end_headers()
-        req.wfile.write(data)
+        self.send_raw(req, status, data, ctype)
 
 
 def _problem(status: int, detail: str) -> dict[str, Any]:
