@@ -156,9 +156,9 @@ class Service:
 
     async def load(self) -> None:
         """After a (re)start: restore session tokens, give live workers a full timeout."""
-        self.auth.set_sessions(await self.store.run(self.store.worker_tokens))
+        self.auth.set_sessions(await self.store.aio.worker_tokens())
         now = self.clock()
-        for w in await self.store.run(self.store.list_workers, ["idle", "busy"]):
+        for w in await self.store.aio.list_workers(["idle", "busy"]):
             self.last_seen[w["id"]] = now
             self.last_claim[w["id"]] = now  # given the benefit of the doubt, like last_seen
 
@@ -168,7 +168,7 @@ class Service:
         ref = ref.strip().lower()
         if not ref or len(ref) > 32 or any(c not in "0123456789abcdef" for c in ref):
             raise NotFound(f"no job {ref!r}: job ids are hexadecimal")
-        ids = await self.store.run(self.store.job_ids_with_prefix, ref)
+        ids = await self.store.aio.job_ids_with_prefix(ref)
         if not ids:
             raise NotFound(f"no job matches {ref!r}")
         if len(ids) > 1:
@@ -177,7 +177,7 @@ class Service:
         return ids[0]
 
     async def upload_bundle(self, job_id: str, path: Path) -> BundleUploaded:
-        if await self.store.run(self.store.get_job, job_id) is not None:
+        if await self.store.aio.get_job(job_id) is not None:
             raise BadRequest(f"job {job_id} already exists; bundles are immutable",
                              "job_exists", 409)
         try:
@@ -212,7 +212,7 @@ class Service:
         return BundleUploaded(job_id=job_id, sha256=info.sha256, size=info.size, spec=spec)
 
     async def create_job(self, req: JobCreate) -> Job:
-        if await self.store.run(self.store.get_job, req.id) is not None:
+        if await self.store.aio.get_job(req.id) is not None:
             raise BadRequest(f"job {req.id} already exists", "job_exists", 409)
         bundle = await self._bundle_for(req.id)
         spec = bundle.spec
@@ -231,7 +231,7 @@ class Service:
         }
         event = {"job_id": req.id, "kind": "submit", "to_status": "queued",
                  "reason": "submitted", "at": now, "attempt": 0}
-        created = await self.store.run(self.store.insert_job, row, event)
+        created = await self.store.aio.insert_job(row, event)
         self._pending_bundles.pop(req.id, None)
         self.changed("jobs", req.id)
         return job_from_row(created)
@@ -261,11 +261,11 @@ class Service:
 
     async def get_job(self, ref: str) -> JobDetail:
         job_id = await self.resolve(ref)
-        row = await self.store.run(self.store.get_job, job_id)
+        row = await self.store.aio.get_job(job_id)
         if row is None:
             raise NotFound(f"no job {job_id}")
-        cps = await self.store.run(self.store.list_checkpoints, job_id)
-        events = await self.store.run(self.store.list_events, job_id)
+        cps = await self.store.aio.list_checkpoints(job_id)
+        events = await self.store.aio.list_events(job_id)
         live = self._progress.get(job_id)
         return job_detail(job_from_row(row, live[2] if live else None), cps, events)
 
@@ -282,12 +282,12 @@ class Service:
         return job_from_row(row)
 
     async def list_workers(self, statuses: Sequence[str] | None = None) -> list[Worker]:
-        rows = await self.store.run(self.store.list_workers, statuses)
+        rows = await self.store.aio.list_workers(statuses)
         return [worker_from_row(r, self.last_seen.get(r["id"])) for r in rows]
 
     async def counts(self) -> tuple[dict[str, int], dict[str, int]]:
-        jobs = await self.store.run(self.store.count_jobs_by_status)
-        workers = await self.store.run(self.store.count_workers_by_status)
+        jobs = await self.store.aio.count_jobs_by_status()
+        workers = await self.store.aio.count_workers_by_status()
         return jobs, workers
 
     # ------------------------------------------------------------------ workers
@@ -333,7 +333,7 @@ class Service:
         }
         cap = self.registration_cap(cluster)
         try:
-            stored = await self.store.run(self.store.register_worker, row, {
+            stored = await self.store.aio.register_worker(row, {
                 "kind": "worker_register", "to_status": "idle",
                 "reason": f"{cluster}/{provider} {req.hostname}".strip(), "at": now}, cap)
         except RegistrationCapped as exc:
@@ -394,10 +394,10 @@ class Service:
         Put the job back in the queue and let the worker claim again, instead of leaving the job
         held by someone who is not working on it. A job claimed moments ago is left alone: a
         heartbeat sent while that claim was in flight says nothing about it."""
-        worker = await self.store.run(self.store.get_worker, worker_id)
+        worker = await self.store.aio.get_worker(worker_id)
         if worker is None or worker["status"] != WorkerStatus.busy or not worker["job_id"]:
             return
-        job = await self.store.run(self.store.get_job, worker["job_id"])
+        job = await self.store.aio.get_job(worker["job_id"])
         if job is None or job["worker_id"] != worker_id or job["status"] not in LEASED_JOB_STATES:
             return
         if self.clock() - (job["updated_at"] or 0) < 2 * self.settings.heartbeat_interval:
@@ -411,11 +411,11 @@ class Service:
         self.changed("workers", worker_id)
 
     async def deregister(self, worker_id: str, reason: str = "worker exited") -> None:
-        worker = await self.store.run(self.store.get_worker, worker_id)
+        worker = await self.store.aio.get_worker(worker_id)
         if worker is None:
             raise NotFound(f"no worker {worker_id}")
         if worker["job_id"]:
-            job = await self.store.run(self.store.get_job, worker["job_id"])
+            job = await self.store.aio.get_job(worker["job_id"])
             if job and job["worker_id"] == worker_id and job["status"] in LEASED_JOB_STATES:
                 await self._lose(job, f"worker deregistered: {reason}")
         if worker["status"] != WorkerStatus.gone:
@@ -434,7 +434,7 @@ class Service:
         `provider_id`; the provisioning loop counts it as pending, so it never asks twice."""
         now = self.clock()
         worker_id = uuid.uuid4().hex
-        await self.store.run(self.store.insert_worker, {
+        await self.store.aio.insert_worker({
             "id": worker_id, "name": name, "hostname": "", "cluster": cluster,
             "provider": provider, "provider_id": provider_id, "platform": "", "gpus": gpus,
             "gpu_model": "", "vram_gb": 0.0, "status": str(WorkerStatus.provisioning),
@@ -455,7 +455,7 @@ class Service:
     async def clusters(self) -> list[ClusterInfo]:
         if self.provisioner is None:
             return []
-        workers = await self.store.run(self.store.cluster_workers)
+        workers = await self.store.aio.cluster_workers()
         return list(self.provisioner.info(workers))
 
     async def switch_cluster(self, name: str, enabled: bool) -> ClusterInfo:
@@ -507,7 +507,7 @@ class Service:
         return {"cluster": name, "token": token}
 
     async def set_worker_note(self, worker_id: str, note: str | None) -> None:
-        await self.store.run(self.store.set_worker_note, worker_id, note)
+        await self.store.aio.set_worker_note(worker_id, note)
 
     async def worker_lost(self, worker_id: str, reason: str) -> None:
         """The provider says this worker's allocation is over: its job goes back to the queue
@@ -518,7 +518,7 @@ class Service:
             pass
 
     async def claim(self, worker_id: str, gpus: int | None = None) -> Assignment | None:
-        worker = await self.store.run(self.store.get_worker, worker_id)
+        worker = await self.store.aio.get_worker(worker_id)
         self.last_seen[worker_id] = self.last_claim[worker_id] = self.clock()  # a sign of life
         if worker is not None and worker["status"] == WorkerStatus.stale:
             worker = await self.machine.change_worker(worker_id, "revive", "claimed after silence")
@@ -536,10 +536,10 @@ class Service:
         self.changed("jobs", row["id"])
         self.changed("workers", worker_id)
         seq = row["latest_checkpoint"]
-        cp = await self.store.run(self.store.get_checkpoint, row["id"], seq) if seq else None
+        cp = await self.store.aio.get_checkpoint(row["id"], seq) if seq else None
         older = [] if cp is None else [
             CheckpointRef(seq=c["seq"], key=c["key"], sha256=c["sha256"])
-            for c in reversed(await self.store.run(self.store.list_checkpoints, row["id"]))
+            for c in reversed(await self.store.aio.list_checkpoints(row["id"]))
             if c["seq"] < seq]
         return Assignment(job=job_from_row(row), attempt=row["attempt"],
                           bundle_key=bundle_key(row["id"]),
@@ -593,13 +593,13 @@ class Service:
                                  self.cluster_trusted(w["cluster"] or "")) for w in better]
 
     async def _worker_trusted(self, worker_id: str) -> bool:
-        worker = await self.store.run(self.store.get_worker, worker_id)
+        worker = await self.store.aio.get_worker(worker_id)
         return worker is not None and self.cluster_trusted(worker["cluster"] or "")
 
     async def _check_holder(self, worker_id: str, job_id: str) -> None:
         """403 for a job this worker never held; a lease it lost is a 409 further on."""
         if not self.store.worker_held(job_id, worker_id):
-            if await self.store.run(self.store.get_job, job_id) is None:
+            if await self.store.aio.get_job(job_id) is None:
                 raise NotFound(f"no job {job_id}")
             raise Forbidden(f"job {job_id[:8]} was never assigned to worker {worker_id[:8]}")
 
@@ -629,7 +629,7 @@ class Service:
         not name (an honest mistake, or a worker trying to plant code). A lying manifest is
         caught later by the restoring worker, which judges the archive itself; that is the
         guarantee, this is the early warning."""
-        row = await self.store.run(self.store.get_job, job_id)
+        row = await self.store.aio.get_job(job_id)
         if row is None:
             return
         spec = BundleSpec.model_validate_json(row["spec"]).checkpoint
@@ -736,7 +736,7 @@ class Service:
         """Keep the newest `checkpoint_keep` accepted checkpoints; delete every stored checkpoint
         object below the oldest kept one (also uploads that were never accepted). Returns the
         number of objects deleted."""
-        oldest_kept = await self.store.run(self.store.prune_checkpoints, job_id,
+        oldest_kept = await self.store.aio.prune_checkpoints(job_id,
                                            self.settings.checkpoint_keep)
         if oldest_kept is None:
             return 0
@@ -769,10 +769,10 @@ class Service:
             job_id = text  # rows already gone (an earlier purge whose storage part failed)
             removed = False
         else:
-            row = await self.store.run(self.store.get_job, job_id)
+            row = await self.store.aio.get_job(job_id)
             terminal = [str(s) for s in (JobStatus.completed, JobStatus.failed,
                                          JobStatus.cancelled)]
-            removed = await self.store.run(self.store.purge_job, job_id, terminal)
+            removed = await self.store.aio.purge_job(job_id, terminal)
             if not removed:
                 raise Conflict(f"job {job_id[:8]} is {row['status'] if row else 'gone'}; only "
                                "completed, failed or cancelled jobs can be purged (cancel it first)")
@@ -805,8 +805,8 @@ class Service:
         """Write buffered liveness and progress to the store."""
         seen = list(self.last_seen.items())
         progress = [(j, w, a, p) for j, (w, a, p) in self._progress.items()]
-        await self.store.run(self.store.write_heartbeats, seen)
-        await self.store.run(self.store.write_progress, progress)
+        await self.store.aio.write_heartbeats(seen)
+        await self.store.aio.write_progress(progress)
 
     async def reap(self) -> int:
         """Mark silent workers stale and put their jobs back in the queue. Returns jobs requeued."""
@@ -814,7 +814,7 @@ class Service:
         now = self.clock()
         cutoff = now - self.settings.heartbeat_timeout
         requeued = 0
-        for w in await self.store.run(self.store.list_workers, ["idle", "busy"]):
+        for w in await self.store.aio.list_workers(["idle", "busy"]):
             seen = self.last_seen.setdefault(w["id"], now)
             if seen >= cutoff:
                 continue
@@ -826,7 +826,7 @@ class Service:
                 continue
             log.warning("worker %s is stale (no heartbeat for %.0fs)", w["id"][:8], silent)
             self.changed("workers", w["id"])
-        for job in await self.store.run(self.store.orphaned_jobs):
+        for job in await self.store.aio.orphaned_jobs():
             await self._lose(job, "its worker stopped heartbeating or is gone")
             requeued += 1
         if requeued:

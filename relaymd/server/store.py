@@ -3,7 +3,7 @@
 One connection, owned by one thread (a single-thread executor): all reads and writes are
 serialised there, so concurrent API requests never meet "database is locked", and a state change
 is one conditional UPDATE inside a `BEGIN IMMEDIATE` transaction together with its event row.
-Callers on the event loop use `await store.run(store.method, ...)`; the methods themselves are
+Callers on the event loop use `await store.aio.method(...)`; the methods themselves are
 synchronous and refuse to run on any other thread.
 """
 
@@ -15,7 +15,7 @@ import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +138,23 @@ def dumps(value: Any) -> str | None:
     return None if value is None else json.dumps(value, separators=(",", ":"))
 
 
+class AsyncStore:
+    """`await store.aio.get_job(job_id)`: every Store method, awaitable, run on the store's own
+    thread; callers on the event loop never hop threads by hand."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
+        method = getattr(self._store, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            return await self._store.run(method, *args, **kwargs)
+
+        call.__name__ = name
+        return call
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -146,6 +163,7 @@ class Store:
         self._conn: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None  # the event loop's own, for hot reads
         self.db: Database | None = None
+        self.aio = AsyncStore(self)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -203,7 +221,7 @@ class Store:
     @property
     def conn(self) -> sqlite3.Connection:
         if threading.get_ident() != self._thread or self._conn is None:
-            raise WrongThread("store methods run only on the store thread: use `await store.run(...)`")
+            raise WrongThread("store methods run only on the store thread: use `await store.aio.X(...)`")
         return self._conn
 
     @property

@@ -94,7 +94,7 @@ class StateMachine:
     # ------------------------------------------------------------------ core
 
     async def _change(self, action: str, change: JobChange, to_label: str | None = None) -> dict[str, Any]:
-        ok, row = await self.store.run(self.store.change_job, change)
+        ok, row = await self.store.aio.change_job(change)
         if ok:
             assert row is not None
             return row
@@ -131,8 +131,8 @@ class StateMachine:
                     better: Sequence[Rival] = (),
                     trusted: bool = True) -> dict[str, Any] | None:
         now = self.clock()
-        return await self.store.run(
-            self.store.claim_next, worker_id, gpus,
+        return await self.store.aio.claim_next(
+            worker_id, gpus,
             {"attempt": Expr("attempt + 1"), "worker_id": worker_id, "updated_at": now,
              "progress": None, "blocked_reason": None},
             now, {"kind": "claim", "worker_id": worker_id, "from_status": "queued",
@@ -184,7 +184,7 @@ class StateMachine:
         except TransitionConflict as exc:
             if report is not None and exc.current in {str(s) for s in LEASED_JOB_STATES} \
                     and exc.attempt == report.attempt:
-                row = await self.store.run(self.store.get_job, job_id)
+                row = await self.store.aio.get_job(job_id)
                 if row and row["worker_id"] == worker_id:
                     raise InvalidCheckpoint(
                         f"job {job_id[:8]}: checkpoint {report.seq} was not reserved or is not "
@@ -192,7 +192,7 @@ class StateMachine:
             raise
 
     async def reserve_checkpoint(self, job_id: str, worker_id: str, attempt: int) -> int:
-        seq = await self.store.run(self.store.reserve_checkpoint_seq, job_id, worker_id, attempt,
+        seq = await self.store.aio.reserve_checkpoint_seq(job_id, worker_id, attempt,
                                    _states(LEASED_JOB_STATES))
         if seq is not None:
             return seq
@@ -295,7 +295,7 @@ class StateMachine:
                                 reason: str) -> dict[str, Any]:
         """The lease holder found accepted checkpoint `seq` corrupt: forget it (the job's state
         is unchanged; its resume point falls back to the newest good checkpoint)."""
-        row = await self.store.run(self.store.reject_checkpoint, job_id, worker_id, attempt, seq,
+        row = await self.store.aio.reject_checkpoint(job_id, worker_id, attempt, seq,
                                    self._event("checkpoint_rejected", reason, worker_id,
                                                attempt=attempt))
         if row is not None:
@@ -306,7 +306,7 @@ class StateMachine:
                                  "does not hold it; cannot reject its checkpoints")
 
     async def _get(self, job_id: str) -> dict[str, Any]:
-        job = await self.store.run(self.store.get_job, job_id)
+        job = await self.store.aio.get_job(job_id)
         if job is None:
             raise JobNotFound(job_id)
         return job
@@ -314,8 +314,7 @@ class StateMachine:
     async def change_worker(self, worker_id: str, action: str, reason: str,
                             **fields: Any) -> dict[str, Any]:
         froms, to = WORKER_ACTIONS[action]
-        row = await self.store.run(
-            self.store.change_worker, worker_id, _states(froms), {"status": str(to), **fields},
+        row = await self.store.aio.change_worker(worker_id, _states(froms), {"status": str(to), **fields},
             self._event(f"worker_{action}", reason, worker_id, to_status=str(to)))
         if row is None:
             raise WorkerConflict(f"worker {worker_id[:8]}: cannot {action} it now")

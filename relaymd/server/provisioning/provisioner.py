@@ -109,14 +109,14 @@ class Provisioner:
     async def load(self) -> None:
         """The run-time switches saved by an earlier orchestrator on this database."""
         store = self.service.store
-        self.switches = await store.run(store.cluster_switches)
+        self.switches = await store.aio.cluster_switches()
 
     # ------------------------------------------------------------------ the cycle
 
     async def cycle(self) -> None:
         store = self.service.store
-        self.switches = await store.run(store.cluster_switches)
-        workers = await store.run(store.cluster_workers)
+        self.switches = await store.aio.cluster_switches()
+        workers = await store.aio.cluster_workers()
         by_cluster = group_by_cluster(workers)
         for name, state in self.clusters.items():
             mine = by_cluster.get(name, [])
@@ -125,13 +125,13 @@ class Provisioner:
             except Exception as exc:  # a provider bug must not stop the others
                 log.exception("cluster %s: reconcile failed", name)
                 state.seen = Seen(pending=state.seen.pending, note=f"reconcile failed: {exc}")
-        workers = await store.run(store.cluster_workers)  # reconcile may have changed rows
+        workers = await store.aio.cluster_workers()  # reconcile may have changed rows
         by_cluster = group_by_cluster(workers)
-        queued = await store.run(store.queued_jobs)
+        queued = await store.aio.queued_jobs()
         jobs, _ = await self.service.counts()
         live_jobs = sum(jobs.get(s, 0) for s in ("queued", "assigned", "running"))
         waiting, blocked = self.route(queued, workers)
-        changed = await store.run(store.set_blocked_reasons, blocked)
+        changed = await store.aio.set_blocked_reasons(blocked)
         for job_id in changed:
             self.service.changed("jobs", job_id)
         now = self.clock()
@@ -260,7 +260,7 @@ class Provisioner:
             known = ", ".join(self.clusters) or "none configured"
             raise NotFound(f"no cluster {name!r} (clusters: {known})")
         store = self.service.store
-        await store.run(store.set_cluster_enabled, name, enabled, self.clock())
+        await store.aio.set_cluster_enabled(name, enabled, self.clock())
         self.switches[name] = enabled
         log.info("cluster %s %s by operator", name, "enabled" if enabled else "disabled")
         self.service.changed("clusters", name)
