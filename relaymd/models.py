@@ -41,6 +41,9 @@ class WorkerStatus(StrEnum):
     gone = "gone"
 
 
+LIVE_WORKER_STATES = frozenset({WorkerStatus.idle, WorkerStatus.busy})  # registered, heartbeating
+
+
 class Strict(BaseModel):
     """Request bodies: unknown fields are refused so typos are loud, not silently ignored."""
 

@@ -25,6 +25,7 @@ from pydantic_core import PydanticSerializationError
 from relaymd.config import DEFAULT_CLUSTER_PRIORITY, ClusterConfig, Settings
 from relaymd.models import (
     LEASED_JOB_STATES,
+    LIVE_WORKER_STATES,
     Assignment,
     BundleSpec,
     BundleUploaded,
@@ -64,6 +65,7 @@ from relaymd.storage import (
 from relaymd.storage.bundle import BundleError, checkpoint_refusal, inspect_bundle, read_member
 
 log = logging.getLogger(__name__)
+LIVE = sorted(s.value for s in LIVE_WORKER_STATES)
 STORAGE_TIMEOUT = 300.0
 PENDING_BUNDLES = 1000  # uploaded bundles whose spec is kept in memory until their job exists
 REGISTRATION_MARGIN = 2  # live registrations a cluster may hold past its max_workers (at least)
@@ -158,7 +160,7 @@ class Service:
         """After a (re)start: restore session tokens, give live workers a full timeout."""
         self.auth.set_sessions(await self.store.aio.worker_tokens())
         now = self.clock()
-        for w in await self.store.aio.list_workers(["idle", "busy"]):
+        for w in await self.store.aio.list_workers(LIVE):
             self.last_seen[w["id"]] = now
             self.last_claim[w["id"]] = now  # given the benefit of the doubt, like last_seen
 
@@ -218,7 +220,7 @@ class Service:
         spec = bundle.spec
         now = self.clock()
         row = {
-            "id": req.id, "title": req.title, "status": str(JobStatus.queued),
+            "id": req.id, "title": req.title,
             "command": spec.command, "spec": dumps(spec.model_dump()),
             "gpus": req.gpus if req.gpus is not None else spec.resources.gpus,
             "priority": req.priority,
@@ -229,9 +231,7 @@ class Service:
             "bundle_sha256": bundle.sha256, "bundle_size": bundle.size,
             "created_at": now, "updated_at": now,
         }
-        event = {"job_id": req.id, "kind": "submit", "to_status": "queued",
-                 "reason": "submitted", "at": now, "attempt": 0}
-        created = await self.store.aio.insert_job(row, event)
+        created = await self.machine.create_job(row)
         self._pending_bundles.pop(req.id, None)
         self.changed("jobs", req.id)
         return job_from_row(created)
@@ -327,15 +327,14 @@ class Service:
             "id": worker_id, "name": req.name, "hostname": req.hostname,
             "cluster": cluster, "provider": provider, "provider_id": req.provider_id,
             "platform": req.platform, "gpus": req.gpus, "gpu_model": req.gpu_model,
-            "vram_gb": req.vram_gb, "status": str(WorkerStatus.idle), "job_id": None,
+            "vram_gb": req.vram_gb, "job_id": None,
             "token_hash": hash_token(token), "registered_at": now, "last_heartbeat_at": now,
             "wall_time_end": req.wall_time_end.timestamp() if req.wall_time_end else None,
         }
         cap = self.registration_cap(cluster)
         try:
-            stored = await self.store.aio.register_worker(row, {
-                "kind": "worker_register", "to_status": "idle",
-                "reason": f"{cluster}/{provider} {req.hostname}".strip(), "at": now}, cap)
+            stored = await self.machine.register_worker(
+                row, f"{cluster}/{provider} {req.hostname}".strip(), cap)
         except RegistrationCapped as exc:
             if now - self._flood_logged.get(cluster, -1e9) > 60:  # once a minute, not per try
                 self._flood_logged[cluster] = now
@@ -434,14 +433,13 @@ class Service:
         `provider_id`; the provisioning loop counts it as pending, so it never asks twice."""
         now = self.clock()
         worker_id = uuid.uuid4().hex
-        await self.store.aio.insert_worker({
+        await self.machine.add_placeholder({
             "id": worker_id, "name": name, "hostname": "", "cluster": cluster,
             "provider": provider, "provider_id": provider_id, "platform": "", "gpus": gpus,
-            "gpu_model": "", "vram_gb": 0.0, "status": str(WorkerStatus.provisioning),
-            "job_id": None, "token_hash": None, "registered_at": now,
-            "last_heartbeat_at": None, "wall_time_end": None, "note": "submitted",
-        }, {"kind": "worker_provision", "worker_id": worker_id, "to_status": "provisioning",
-            "reason": f"{cluster}: requested {provider} {provider_id}", "at": now})
+            "gpu_model": "", "vram_gb": 0.0, "job_id": None, "token_hash": None,
+            "registered_at": now, "last_heartbeat_at": None, "wall_time_end": None,
+            "note": "submitted",
+        }, f"{cluster}: requested {provider} {provider_id}")
         self.changed("workers", worker_id)
         return worker_id
 
@@ -814,7 +812,7 @@ class Service:
         now = self.clock()
         cutoff = now - self.settings.heartbeat_timeout
         requeued = 0
-        for w in await self.store.aio.list_workers(["idle", "busy"]):
+        for w in await self.store.aio.list_workers(LIVE):
             seen = self.last_seen.setdefault(w["id"], now)
             if seen >= cutoff:
                 continue

@@ -24,12 +24,16 @@ from typing import Any, TypeVar
 from sqlite_utils import Database, Migrations
 
 from relaymd.fsutil import private_dir, private_path
+from relaymd.models import LEASED_JOB_STATES, LIVE_WORKER_STATES, JobStatus, WorkerStatus
 from relaymd.server.scheduling import Candidate, Rival, choose
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 migrations = Migrations("relaymd")
+# The state sets the queries below read by; the statuses themselves are the models'.
+LEASED = sorted(s.value for s in LEASED_JOB_STATES)
+LIVE_WORKERS = sorted(s.value for s in LIVE_WORKER_STATES)
 
 
 @migrations()
@@ -116,6 +120,17 @@ class Expr:
     """A SET value that is SQL, not a parameter (e.g. `checkpoints + 1`)."""
 
     sql: str
+
+
+@dataclass(frozen=True)
+class ClaimMove:
+    """The claim's transition, as the state machine's tables say it: the job from `job_from`
+    to `job_to`, its worker from one of `worker_from` to `worker_to`."""
+
+    job_from: str
+    job_to: str
+    worker_from: tuple[str, ...]
+    worker_to: str
 
 
 @dataclass
@@ -398,7 +413,7 @@ class Store:
         return True, dict(row)
 
     def claim_next(
-        self, worker_id: str, gpus: int, set_fields: dict[str, Any], now: float,
+        self, worker_id: str, gpus: int, move: ClaimMove, set_fields: dict[str, Any], now: float,
         event: dict[str, Any], worker_fields: dict[str, Any],
         cluster: str = "", better: Sequence[Rival] = (), trusted: bool = True,
     ) -> dict[str, Any] | None:
@@ -413,22 +428,22 @@ class Store:
         set aside for (none left: no claim). All writes are serialised on this thread, so the
         chosen job is still queued when the UPDATE runs.
         """
-        sets, params = self._set_clause({"status": "assigned", **set_fields})
+        sets, params = self._set_clause({"status": move.job_to, **set_fields})
         with self._transaction():
             worker = self.conn.execute(
                 "SELECT status FROM workers WHERE id = ?", [worker_id]
             ).fetchone()
-            if worker is None or worker[0] != "idle":
+            if worker is None or worker[0] not in move.worker_from:
                 return None
             candidates = self.conn.execute(
                 """SELECT id, gpus, preferred_clusters, trusted_only FROM jobs
-                   WHERE status = 'queued' AND gpus <= ? AND (trusted_only = 0 OR ?)
+                   WHERE status = ? AND gpus <= ? AND (trusted_only = 0 OR ?)
                      AND (preferred_clusters IS NULL OR EXISTS (
                           SELECT 1 FROM json_each(jobs.preferred_clusters) WHERE value = ?))
                      AND NOT EXISTS (SELECT 1 FROM events e WHERE e.job_id = jobs.id
                                      AND e.kind = 'fail' AND e.worker_id = ?)
                    ORDER BY priority DESC, created_at, rowid LIMIT ?""",
-                [gpus, int(trusted), cluster, worker_id, len(better) + 1],
+                [move.job_from, gpus, int(trusted), cluster, worker_id, len(better) + 1],
             ).fetchall()
             chosen = choose([Candidate(
                 id=c["id"], gpus=c["gpus"], trusted_only=bool(c["trusted_only"]),
@@ -437,11 +452,12 @@ class Store:
             if chosen is None:
                 return None
             row = self.conn.execute(
-                f"UPDATE jobs SET {sets} WHERE id = ? AND status = 'queued' RETURNING *",
-                [*params, chosen],
+                f"UPDATE jobs SET {sets} WHERE id = ? AND status = ? RETURNING *",
+                [*params, chosen, move.job_from],
             ).fetchone()
             job = dict(row)
-            self._update("workers", worker_id, {**worker_fields, "job_id": job["id"]})
+            self._update("workers", worker_id, {**worker_fields, "status": move.worker_to,
+                                                "job_id": job["id"]})
             self._event({**event, "job_id": job["id"], "attempt": job["attempt"], "at": now})
             return job
 
@@ -476,9 +492,9 @@ class Store:
         rows = self.conn.execute(
             """SELECT j.id, j.worker_id, j.attempt FROM jobs j
                LEFT JOIN workers w ON w.id = j.worker_id
-               WHERE j.status IN ('assigned', 'running')
-                 AND (w.id IS NULL OR w.status != 'busy' OR w.job_id IS NOT j.id)"""
-        ).fetchall()
+               WHERE j.status IN (?, ?)
+                 AND (w.id IS NULL OR w.status != ? OR w.job_id IS NOT j.id)""",
+            [*LEASED, WorkerStatus.busy.value]).fetchall()
         return [dict(r) for r in rows]
 
     def list_checkpoints(self, job_id: str) -> list[dict[str, Any]]:
@@ -519,7 +535,7 @@ class Store:
         with self._transaction():
             job = self.conn.execute(
                 "SELECT * FROM jobs WHERE id = ? AND worker_id = ? AND attempt = ? "
-                "AND status IN ('assigned', 'running')", [job_id, worker_id, attempt]).fetchone()
+                "AND status IN (?, ?)", [job_id, worker_id, attempt, *LEASED]).fetchone()
             if job is None:
                 return None
             gone = self.conn.execute("DELETE FROM checkpoints WHERE job_id = ? AND seq = ?",
@@ -551,13 +567,13 @@ class Store:
 
     def write_progress(self, items: Iterable[tuple[str, str, int, dict[str, Any]]]) -> None:
         """Flush buffered heartbeat progress: (job_id, worker_id, attempt, progress)."""
-        rows = [(dumps(p), j, w, a) for j, w, a, p in items]
+        rows = [(dumps(p), j, w, a, *LEASED) for j, w, a, p in items]
         if not rows:
             return
         with self._transaction():
             self.conn.executemany(
                 "UPDATE jobs SET progress = ? WHERE id = ? AND worker_id = ? AND attempt = ? "
-                "AND status IN ('assigned', 'running')",
+                "AND status IN (?, ?)",
                 rows,
             )
 
@@ -571,8 +587,9 @@ class Store:
         assert worker is not None
         return worker
 
-    def register_worker(self, row: dict[str, Any], event: dict[str, Any],
-                        cap: int | None = None) -> dict[str, Any]:
+    def register_worker(self, row: dict[str, Any], event: dict[str, Any], cap: int | None = None,
+                        placeholder_status: str = WorkerStatus.provisioning.value
+                        ) -> dict[str, Any]:
         """Insert a registering worker, or turn its placeholder (same cluster and provider id,
         still provisioning) into it: one transaction, so the provisioning loop never sees the
         pending request and the worker both, nor neither. With `cap`, a cluster already holding
@@ -580,16 +597,16 @@ class Store:
         with self._transaction():
             if cap is not None:
                 live = self.conn.execute(
-                    "SELECT COUNT(*) FROM workers WHERE cluster = ? AND status IN ('idle', 'busy')",
-                    [row["cluster"]]).fetchone()[0]
+                    "SELECT COUNT(*) FROM workers WHERE cluster = ? AND status IN (?, ?)",
+                    [row["cluster"], *LIVE_WORKERS]).fetchone()[0]
                 if live >= cap:
                     raise RegistrationCapped(cap)
             placeholder = None
             if row.get("provider_id"):
                 placeholder = self.conn.execute(
                     "SELECT id, provider FROM workers WHERE cluster = ? AND provider_id = ? "
-                    "AND status = 'provisioning' ORDER BY registered_at LIMIT 1",
-                    [row["cluster"], row["provider_id"]]).fetchone()
+                    "AND status = ? ORDER BY registered_at LIMIT 1",
+                    [row["cluster"], row["provider_id"], placeholder_status]).fetchone()
             if placeholder is None:
                 self._insert("workers", row)
                 worker_id = row["id"]
@@ -601,7 +618,7 @@ class Store:
                     fields.pop("name", None)  # keep the placeholder's "cluster:id" name
                 fields["note"] = None
                 self._update("workers", worker_id, fields)
-                event = {**event, "kind": "worker_activate", "from_status": "provisioning",
+                event = {**event, "kind": "worker_activate", "from_status": placeholder_status,
                          "reason": f"{event.get('reason', '')} (was placeholder)".strip()}
             self._event({**event, "worker_id": worker_id})
         worker = self.get_worker(worker_id)
@@ -615,16 +632,16 @@ class Store:
         of identical workers the answer is empty without reading them all into Python."""
         return self.reader.execute(
             "SELECT id, gpus, vram_gb, cluster, provider, registered_at FROM workers "
-            "WHERE status = 'idle' AND id != ? AND (gpus > ? OR (gpus = ? AND "
+            "WHERE status = ? AND id != ? AND (gpus > ? OR (gpus = ? AND "
             "(IFNULL(cluster, '') != ? OR IFNULL(vram_gb, 0) > ?)))",
-            [worker_id, gpus, gpus, cluster, vram_gb]).fetchall()
+            [WorkerStatus.idle.value, worker_id, gpus, gpus, cluster, vram_gb]).fetchall()
 
     def cluster_workers(self) -> list[dict[str, Any]]:
         """Every worker not gone, with its cluster: the provisioning loop's view."""
         rows = self.conn.execute(
             "SELECT id, name, cluster, provider, provider_id, status, job_id, gpus, vram_gb, "
-            "registered_at, last_heartbeat_at, note FROM workers WHERE status != 'gone'"
-        ).fetchall()
+            "registered_at, last_heartbeat_at, note FROM workers WHERE status != ?",
+            [WorkerStatus.gone.value]).fetchall()
         return [dict(r) for r in rows]
 
     def set_worker_note(self, worker_id: str, note: str | None) -> None:
@@ -634,8 +651,8 @@ class Store:
     def queued_jobs(self, limit: int = 10000) -> list[dict[str, Any]]:
         rows = self.conn.execute(
             "SELECT id, gpus, preferred_clusters, blocked_reason, trusted_only FROM jobs "
-            "WHERE status = 'queued' "
-            "ORDER BY priority DESC, created_at, rowid LIMIT ?", [limit]).fetchall()
+            "WHERE status = ? ORDER BY priority DESC, created_at, rowid LIMIT ?",
+            [JobStatus.queued.value, limit]).fetchall()
         return [dict(r) for r in rows]
 
     def set_blocked_reasons(self, reasons: dict[str, str | None]) -> list[str]:
@@ -700,7 +717,7 @@ class Store:
         """token_hash -> worker id, for every worker whose session token is still valid."""
         rows = self.conn.execute(
             "SELECT token_hash, id FROM workers WHERE token_hash IS NOT NULL "
-            "AND status NOT IN ('gone', 'quarantined')"
+            "AND status NOT IN (?, ?)", [WorkerStatus.gone.value, WorkerStatus.quarantined.value]
         ).fetchall()
         return {r[0]: r[1] for r in rows}
 

@@ -18,7 +18,7 @@ from relaymd.models import (
     WorkerStatus,
 )
 from relaymd.server.scheduling import Rival
-from relaymd.server.store import Expr, JobChange, Store, dumps
+from relaymd.server.store import ClaimMove, Expr, JobChange, Store, dumps
 from relaymd.storage import checkpoint_key
 
 Q, A, R = JobStatus.queued, JobStatus.assigned, JobStatus.running
@@ -84,6 +84,13 @@ def _states(states: frozenset[Any]) -> list[str]:
     return sorted(str(s) for s in states)
 
 
+# The claim moves a queued job to assigned and its idle worker to busy, in one write.
+(_claim_from,), (_claim_to,) = JOB_ACTIONS["claim"]
+CLAIM = ClaimMove(job_from=str(_claim_from), job_to=str(_claim_to),
+                  worker_from=tuple(_states(WORKER_ACTIONS["claim"][0])),
+                  worker_to=str(WORKER_ACTIONS["claim"][1]))
+
+
 class StateMachine:
     def __init__(self, store: Store, clock: Callable[[], float] = time.time,
                  quarantine_after: int = 3) -> None:
@@ -132,12 +139,12 @@ class StateMachine:
                     trusted: bool = True) -> dict[str, Any] | None:
         now = self.clock()
         return await self.store.aio.claim_next(
-            worker_id, gpus,
+            worker_id, gpus, CLAIM,
             {"attempt": Expr("attempt + 1"), "worker_id": worker_id, "updated_at": now,
              "progress": None, "blocked_reason": None},
-            now, {"kind": "claim", "worker_id": worker_id, "from_status": "queued",
-                  "to_status": "assigned", "reason": "claimed"},
-            {"status": str(W.busy)}, cluster, better, trusted,
+            now, {"kind": "claim", "worker_id": worker_id, "from_status": CLAIM.job_from,
+                  "to_status": CLAIM.job_to, "reason": "claimed"},
+            {}, cluster, better, trusted,
         )
 
     async def start(self, job_id: str, worker_id: str, attempt: int) -> dict[str, Any]:
@@ -310,6 +317,33 @@ class StateMachine:
         if job is None:
             raise JobNotFound(job_id)
         return job
+
+    async def create_job(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A submitted job: born queued."""
+        return await self.store.aio.insert_job(
+            {**row, "status": str(Q)},
+            {"job_id": row["id"], "kind": "submit", "to_status": str(Q), "reason": "submitted",
+             "at": row["created_at"], "attempt": 0})
+
+    async def register_worker(self, row: dict[str, Any], reason: str,
+                              cap: int | None = None) -> dict[str, Any]:
+        """A new worker, born `idle` (the target of `activate`), or its placeholder activated
+        (`provisioning` -> `idle`) when one of its cluster has its provider id."""
+        froms, to = WORKER_ACTIONS["activate"]
+        (placeholder,) = froms
+        return await self.store.aio.register_worker(
+            {**row, "status": str(to)},
+            {"kind": "worker_register", "to_status": str(to), "reason": reason,
+             "at": row["registered_at"]}, cap, str(placeholder))
+
+    async def add_placeholder(self, row: dict[str, Any], reason: str) -> dict[str, Any]:
+        """A requested worker (an sbatch job, a Salad replica): `provisioning` until its worker
+        registers and activates it."""
+        (placeholder,) = WORKER_ACTIONS["activate"][0]
+        return await self.store.aio.insert_worker(
+            {**row, "status": str(placeholder)},
+            {"kind": "worker_provision", "worker_id": row["id"], "to_status": str(placeholder),
+             "reason": reason, "at": row["registered_at"]})
 
     async def change_worker(self, worker_id: str, action: str, reason: str,
                             **fields: Any) -> dict[str, Any]:
