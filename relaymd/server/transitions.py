@@ -105,8 +105,14 @@ class StateMachine:
         if ok:
             assert row is not None
             return row
+        raise self._conflict(action, change, row, to_label)
+
+    @staticmethod
+    def _conflict(action: str, change: JobChange, row: dict[str, Any] | None,
+                  to_label: str | None = None) -> Exception:
+        """Why `change` did not apply to the job as it is now (`row`): the typed 409."""
         if row is None:
-            raise JobNotFound(change.job_id)
+            return JobNotFound(change.job_id)
         to = to_label or "/".join(_states(JOB_ACTIONS[action][1]))
         status = row["status"]
         if status not in {str(s) for s in JOB_ACTIONS[action][0]}:
@@ -118,7 +124,7 @@ class StateMachine:
             why = f"job {change.job_id[:8]} is not held by worker {change.worker_id[:8]}"
         else:
             why = f"job {change.job_id[:8]}: {action} refused"
-        raise TransitionConflict(change.job_id, status, to, row["attempt"], why)
+        return TransitionConflict(change.job_id, status, to, row["attempt"], why)
 
     def _event(self, kind: str, reason: str = "", worker_id: str | None = None,
                **extra: Any) -> dict[str, Any]:
@@ -200,13 +206,12 @@ class StateMachine:
 
     async def reserve_checkpoint(self, job_id: str, worker_id: str, attempt: int) -> int:
         seq = await self.store.aio.reserve_checkpoint_seq(job_id, worker_id, attempt,
-                                   _states(LEASED_JOB_STATES))
+                                                        _states(LEASED_JOB_STATES))
         if seq is not None:
             return seq
-        await self._change("checkpoint", self._leased(
-            "checkpoint", job_id, worker_id, attempt, str(R),
-            extra_where=("0", [])))  # always refused: builds the precise conflict
-        raise AssertionError("unreachable")
+        row = await self.store.aio.get_job(job_id)  # say why, from the job as it is now
+        raise self._conflict("checkpoint", self._leased(
+            "checkpoint", job_id, worker_id, attempt, str(R)), row)
 
     async def accept_checkpoint(self, job_id: str, worker_id: str,
                                 report: CheckpointReport, trusted: bool = True) -> dict[str, Any]:
