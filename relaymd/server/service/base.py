@@ -15,20 +15,12 @@ from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
 from relaymd.config import ClusterConfig, Settings
-from relaymd.models import (
-    LIVE_WORKER_STATES,
-    BundleSpec,
-    BundleUploaded,
-)
+from relaymd.models import LIVE_WORKER_STATES, BundleSpec, BundleUploaded
 from relaymd.server.auth import Authenticator
 from relaymd.server.store import Store
-from relaymd.server.transitions import (
-    StateMachine,
-)
+from relaymd.server.transitions import StateMachine
 from relaymd.server.views import JobJsonCache
-from relaymd.storage import (
-    Storage,
-)
+from relaymd.storage import Storage
 
 log = logging.getLogger(__name__)
 LIVE = sorted(s.value for s in LIVE_WORKER_STATES)

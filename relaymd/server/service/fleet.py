@@ -27,9 +27,7 @@ from relaymd.server.service.base import (
     ServiceBase,
 )
 from relaymd.server.store import RegistrationCapped
-from relaymd.server.transitions import (
-    WorkerConflict,
-)
+from relaymd.server.transitions import WorkerConflict
 
 log = logging.getLogger(__name__)
 

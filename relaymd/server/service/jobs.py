@@ -10,14 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from relaymd.models import (
-    BundleUploaded,
-    Job,
-    JobCreate,
-    JobDetail,
-    JobStatus,
-    Worker,
-)
+from relaymd.models import BundleUploaded, Job, JobCreate, JobDetail, JobStatus, Worker
 from relaymd.server.service.base import (
     PENDING_BUNDLES,
     BadRequest,
@@ -28,11 +21,7 @@ from relaymd.server.service.base import (
 )
 from relaymd.server.store import dumps
 from relaymd.server.views import job_detail, job_from_row, worker_from_row
-from relaymd.storage import (
-    ObjectNotFound,
-    bundle_key,
-    job_prefix,
-)
+from relaymd.storage import ObjectNotFound, bundle_key, job_prefix
 from relaymd.storage.bundle import BundleError, inspect_bundle, read_member
 
 log = logging.getLogger(__name__)

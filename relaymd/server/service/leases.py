@@ -21,24 +21,10 @@ from relaymd.models import (
     WorkerStatus,
 )
 from relaymd.server import scheduling
-from relaymd.server.service.base import (
-    BadRequest,
-    Forbidden,
-    NotFound,
-    ServiceBase,
-)
-from relaymd.server.transitions import (
-    JobNotFound,
-    TransitionConflict,
-    WorkerConflict,
-)
+from relaymd.server.service.base import BadRequest, Forbidden, NotFound, ServiceBase
+from relaymd.server.transitions import JobNotFound, TransitionConflict, WorkerConflict
 from relaymd.server.views import job_from_row
-from relaymd.storage import (
-    ObjectNotFound,
-    bundle_key,
-    checkpoint_key,
-    manifest_key,
-)
+from relaymd.storage import ObjectNotFound, bundle_key, checkpoint_key, manifest_key
 from relaymd.storage.bundle import BundleError, checkpoint_refusal
 
 log = logging.getLogger(__name__)

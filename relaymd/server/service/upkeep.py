@@ -5,12 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from relaymd.server.service.base import (
-    ServiceBase,
-)
-from relaymd.storage import (
-    checkpoint_key,
-)
+from relaymd.server.service.base import ServiceBase
+from relaymd.storage import checkpoint_key
 
 log = logging.getLogger(__name__)
 
