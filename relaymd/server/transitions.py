@@ -17,6 +17,7 @@ from relaymd.models import (
     JobStatus,
     WorkerStatus,
 )
+from relaymd.server.errors import InvalidCheckpoint, JobNotFound, TransitionConflict, WorkerConflict
 from relaymd.server.scheduling import Rival
 from relaymd.server.store import ClaimMove, Expr, JobChange, Store, dumps
 from relaymd.storage import checkpoint_key
@@ -59,25 +60,6 @@ def job_transition_allowed(src: JobStatus, dst: JobStatus) -> bool:
     return (src, dst) in JOB_EDGES
 
 
-class TransitionConflict(Exception):
-    """The job is not in a state (or lease) that allows the change; nothing was written."""
-
-    def __init__(self, job_id: str, current: str, to: str, attempt: int, message: str) -> None:
-        super().__init__(message)
-        self.job_id, self.current, self.to, self.attempt = job_id, current, to, attempt
-        self.message = message
-
-
-class JobNotFound(Exception):
-    pass
-
-
-class WorkerConflict(Exception):
-    """A worker-level change that its current status does not allow."""
-
-
-class InvalidCheckpoint(Exception):
-    pass
 
 
 def _states(states: frozenset[Any]) -> list[str]:

@@ -16,14 +16,9 @@ from starlette.responses import JSONResponse, Response
 
 from relaymd.models import Conflict
 from relaymd.server.auth import Principal, Scope
+from relaymd.server.errors import BadRequest, TransitionConflict
 from relaymd.server.metrics import Metrics
-from relaymd.server.service import BadRequest, Service
-from relaymd.server.transitions import (
-    InvalidCheckpoint,
-    JobNotFound,
-    TransitionConflict,
-    WorkerConflict,
-)
+from relaymd.server.service import Service
 from relaymd.storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -95,11 +90,8 @@ def _database(exc: sqlite3.OperationalError) -> Response | None:
 # Domain errors -> typed JSON answers, most specific first (a responder may decline: None).
 ERROR_RESPONDERS: list[tuple[type[Exception], Callable[[Any], Response | None]]] = [
     (HTTPError, lambda e: error(e.status, e.code, e.message, e.details)),
-    (TransitionConflict, _conflict),
-    (BadRequest, lambda e: error(e.status, e.code, str(e))),
-    (JobNotFound, lambda e: error(404, "not_found", f"no job {e.args[0]}")),
-    (WorkerConflict, lambda e: error(409, "worker_conflict", str(e))),
-    (InvalidCheckpoint, lambda e: error(422, "invalid_checkpoint", str(e))),
+    (TransitionConflict, _conflict),  # before BadRequest: a typed body of its own
+    (BadRequest, lambda e: error(e.status, e.code, str(e))),  # every domain error
     (StorageError, lambda e: error(503, "storage_unavailable", f"object storage failed: {e}")),
     (sqlite3.OperationalError, _database),
 ]

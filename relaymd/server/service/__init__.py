@@ -9,7 +9,7 @@ from relaymd.server.service.base import (
     PENDING_BUNDLES,
     STORAGE_TIMEOUT,
     BadRequest,
-    Conflict,
+    ConflictError,
     Forbidden,
     NotFound,
     parse_bundle_spec,
@@ -19,7 +19,7 @@ from relaymd.server.service.jobs import JobOps
 from relaymd.server.service.leases import LeaseOps
 from relaymd.server.service.upkeep import UpkeepOps
 
-__all__ = ["PENDING_BUNDLES", "STORAGE_TIMEOUT", "BadRequest", "Conflict", "Forbidden",
+__all__ = ["PENDING_BUNDLES", "STORAGE_TIMEOUT", "BadRequest", "ConflictError", "Forbidden",
            "NotFound", "Service", "parse_bundle_spec"]
 
 

@@ -17,6 +17,7 @@ from pydantic_core import PydanticSerializationError
 from relaymd.config import ClusterConfig, Settings
 from relaymd.models import LIVE_WORKER_STATES, BundleSpec, BundleUploaded
 from relaymd.server.auth import Authenticator
+from relaymd.server.errors import BadRequest, ConflictError, Forbidden, NotFound  # noqa: F401
 from relaymd.server.store import Store
 from relaymd.server.transitions import StateMachine
 from relaymd.server.views import JobJsonCache
@@ -28,29 +29,6 @@ STORAGE_TIMEOUT = 300.0
 PENDING_BUNDLES = 1000  # uploaded bundles whose spec is kept in memory until their job exists
 REGISTRATION_MARGIN = 2  # live registrations a cluster may hold past its max_workers (at least)
 
-
-
-class BadRequest(Exception):
-    """The caller sent something unusable; the message says what and how to fix it."""
-
-    def __init__(self, message: str, code: str = "bad_request", status: int = 400) -> None:
-        super().__init__(message)
-        self.code, self.status = code, status
-
-
-class Conflict(BadRequest):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, "conflict", 409)
-
-
-class Forbidden(BadRequest):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, "forbidden", 403)
-
-
-class NotFound(BadRequest):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, "not_found", 404)
 
 
 def parse_bundle_spec(raw: bytes | None, where: str) -> BundleSpec:

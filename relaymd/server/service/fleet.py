@@ -21,7 +21,7 @@ from relaymd.server.service.base import (
     LIVE,
     REGISTRATION_MARGIN,
     BadRequest,
-    Conflict,
+    ConflictError,
     Forbidden,
     NotFound,
     ServiceBase,
@@ -181,7 +181,7 @@ class FleetOps(ServiceBase):
         already registered keep their session tokens; new ones need the new token."""
         self._token_cluster(name)
         if name == self.auth.tokens.local and self.settings.worker_token is not None:
-            raise Conflict(f"cluster {name!r}'s token comes from the configuration "
+            raise ConflictError(f"cluster {name!r}'s token comes from the configuration "
                            "(worker_token / RELAYMD_WORKER_TOKEN); change it there and restart")
         token = self.auth.rotate(name)
         await asyncio.to_thread(write_tokens_file, self.settings.tokens_path, self.auth.tokens)

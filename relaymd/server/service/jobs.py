@@ -14,7 +14,7 @@ from relaymd.models import BundleUploaded, Job, JobCreate, JobDetail, JobStatus,
 from relaymd.server.service.base import (
     PENDING_BUNDLES,
     BadRequest,
-    Conflict,
+    ConflictError,
     NotFound,
     ServiceBase,
     parse_bundle_spec,
@@ -172,7 +172,7 @@ class JobOps(ServiceBase):
                                          JobStatus.cancelled)]
             removed = await self.store.aio.purge_job(job_id, terminal)
             if not removed:
-                raise Conflict(f"job {job_id[:8]} is {row['status'] if row else 'gone'}; only "
+                raise ConflictError(f"job {job_id[:8]} is {row['status'] if row else 'gone'}; only "
                                "completed, failed or cancelled jobs can be purged (cancel it first)")
             self._job_json.forget(job_id)
             self._progress.pop(job_id, None)
