@@ -1059,6 +1059,15 @@ def test_found_pending_bundles_were_kept_in_memory_without_bound(
     assert r.status_code == 201, r.text
 
 
+def test_found_yaml_timestamp_tag_on_a_non_date_crashed_pyyaml(server: RunningOrchestrator) -> None:
+    # PyYAML's timestamp constructor raises AttributeError (not a YAMLError) for `!!timestamp x`.
+    bundle = _bundle_with("command: 'true'\nmax_attempts: !!timestamp soon\n")
+    r = _raw(server, "PUT", f"{V1}/jobs/{uuid.uuid4().hex}/bundle", server.tokens()["operator"],
+             content=bundle)
+    assert r.status_code == 422 and r.json()["error"] == "invalid_bundle", r.text
+    assert "cannot be read" in r.json()["message"], r.text
+
+
 def test_found_list_jobs_cursor_beyond_int64(server: RunningOrchestrator) -> None:
     r = _raw(server, "GET", f"{V1}/jobs?cursor=9223372036854775808", server.tokens()["operator"])
     assert r.status_code < 500, r.text

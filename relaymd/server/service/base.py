@@ -36,7 +36,15 @@ def parse_bundle_spec(raw: bytes | None, where: str) -> BundleSpec:
         raise BadRequest(f"{where}: bundle has no relaymd.yaml at its root; "
                          "add one or pass --command to `relaymd submit`", "invalid_bundle", 422)
     try:
-        data = yaml.safe_load(raw) or {}
+        try:
+            data = yaml.safe_load(raw) or {}
+        except (yaml.YAMLError, RecursionError, ValueError, TypeError, UnicodeError):
+            raise
+        except Exception as exc:
+            # PyYAML's constructors are not hardened: `!!timestamp foo` dies with an
+            # AttributeError inside PyYAML. A submitted file is hostile input: whatever the
+            # loader raises means it cannot be read, never a 500.
+            raise ValueError(f"{type(exc).__name__} while reading it") from None
         spec = BundleSpec.model_validate(data)
         spec.model_dump_json()  # text that cannot be written back out (lone surrogates) is refused
         return spec
@@ -50,10 +58,9 @@ def parse_bundle_spec(raw: bytes | None, where: str) -> BundleSpec:
                          422) from None
     except (ValueError, TypeError, UnicodeError, PydanticSerializationError) as exc:
         # PyYAML raises plain ValueError for values it cannot construct (`2001-13-01`, `!!int x`)
+        # and worse for some (above)
         raise BadRequest(f"{where}: relaymd.yaml has a value that cannot be read: "
                          f"{str(exc)[:300]}", "invalid_bundle", 422) from None
-
-
 
 
 class ServiceBase:
