@@ -133,6 +133,16 @@ class ClaimMove:
     worker_to: str
 
 
+@dataclass(frozen=True)
+class WorkerUpdate:
+    """The worker row a job change also writes: `fields` of `worker_id`, and when `holding` is
+    set, only while that worker still holds that job."""
+
+    worker_id: str
+    fields: dict[str, Any]
+    holding: str | None = None
+
+
 @dataclass
 class JobChange:
     """One conditional UPDATE of a job row plus what goes with it in the same transaction."""
@@ -144,7 +154,7 @@ class JobChange:
     attempt: int | None = None  # fence: only if the job's attempt is exactly this
     worker_id: str | None = None  # fence: only if the job is held by this worker
     extra_where: tuple[str, Sequence[Any]] | None = None
-    worker_update: tuple[str, dict[str, Any]] | None = None  # (worker id, fields), same txn
+    worker_update: WorkerUpdate | None = None  # its worker's row, in the same transaction
     inserts: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     event: dict[str, Any] = field(default_factory=dict)
 
@@ -393,15 +403,13 @@ class Store:
             if row is None:
                 return False, self.get_job(change.job_id)
             if change.worker_update is not None:
-                worker_id, fields = change.worker_update
-                fields = dict(fields)
-                holding = fields.pop("_job", None)  # only if the worker still holds this job
-                wsets, wp = self._set_clause(fields)
+                update = change.worker_update
+                wsets, wp = self._set_clause(update.fields)
                 sql = f"UPDATE workers SET {wsets} WHERE id = ?"
-                wp.append(worker_id)
-                if holding is not None:
+                wp.append(update.worker_id)
+                if update.holding is not None:
                     sql += " AND job_id = ?"
-                    wp.append(holding)
+                    wp.append(update.holding)
                 self.conn.execute(sql, wp)
             for table, values in change.inserts:
                 self._insert(table, values)

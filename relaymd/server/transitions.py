@@ -19,7 +19,7 @@ from relaymd.models import (
 )
 from relaymd.server.errors import InvalidCheckpoint, JobNotFound, TransitionConflict, WorkerConflict
 from relaymd.server.scheduling import Rival
-from relaymd.server.store import ClaimMove, Expr, JobChange, Store, dumps
+from relaymd.server.store import ClaimMove, Expr, JobChange, Store, WorkerUpdate, dumps
 from relaymd.storage import checkpoint_key
 
 Q, A, R = JobStatus.queued, JobStatus.assigned, JobStatus.running
@@ -117,8 +117,10 @@ class StateMachine:
         return JobChange(job_id=job_id, from_states=_states(JOB_ACTIONS[action][0]),
                          to_status=to_status, attempt=attempt, worker_id=worker_id, **kw)
 
-    def _free_worker(self, worker_id: str, job_id: str, **fields: Any) -> tuple[str, dict[str, Any]]:
-        return worker_id, {"status": str(W.idle), "job_id": None, **fields, "_job": job_id}
+    def _free_worker(self, worker_id: str, job_id: str, **fields: Any) -> WorkerUpdate:
+        """The job's worker is idle again (unless `fields` say otherwise), if it still holds it."""
+        return WorkerUpdate(worker_id, {"status": str(W.idle), "job_id": None, **fields},
+                            holding=job_id)
 
     # ------------------------------------------------------------------ worker-driven
 
