@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from relaymd.config import DEFAULT_CLUSTER_PRIORITY
@@ -240,27 +241,23 @@ class LeaseOps(ServiceBase):
 
     async def release(self, worker_id: str, job_id: str, attempt: int, reason: str,
                       report: CheckpointReport | None) -> Job:
-        await self._check_holder(worker_id, job_id)
-        self.last_claim[worker_id] = self.clock()  # idle again and about to claim
-        if report is not None:
-            await self._verify_uploaded(job_id, report)
-        row = await self.machine.release(job_id, worker_id, attempt, reason, report,
-                                         await self._worker_trusted(worker_id))
-        self._progress.pop(job_id, None)
-        self.changed("jobs", job_id)
-        self.changed("workers", worker_id)
-        if report is not None:
-            self.prune_soon(job_id)
-        return job_from_row(row)
+        return await self._settle_with(worker_id, job_id, report, lambda trusted: (
+            self.machine.release(job_id, worker_id, attempt, reason, report, trusted)))
 
     async def complete(self, worker_id: str, job_id: str, attempt: int,
                        report: CheckpointReport | None) -> Job:
+        return await self._settle_with(worker_id, job_id, report, lambda trusted: (
+            self.machine.complete(job_id, worker_id, attempt, report, trusted)))
+
+    async def _settle_with(self, worker_id: str, job_id: str, report: CheckpointReport | None,
+                           settle: Callable[[bool], Awaitable[dict[str, Any]]]) -> Job:
+        """Release or complete: the holder hands the job in, with its last checkpoint (checked
+        in storage first, and marked by its worker's trust)."""
         await self._check_holder(worker_id, job_id)
         self.last_claim[worker_id] = self.clock()  # idle again and about to claim
         if report is not None:
             await self._verify_uploaded(job_id, report)
-        row = await self.machine.complete(job_id, worker_id, attempt, report,
-                                          await self._worker_trusted(worker_id))
+        row = await settle(await self._worker_trusted(worker_id))
         self._progress.pop(job_id, None)
         self.changed("jobs", job_id)
         self.changed("workers", worker_id)
