@@ -489,3 +489,14 @@ def test_restore_takes_only_what_the_checkpoint_globs_name(
             restore(tmp_path, files, patterns, sentinel="ckpt_is_valid")
         assert (tmp_path / "job" / "run.py").read_text() == "print('the real engine')\n"
         assert sorted(p.name for p in (tmp_path / "job").iterdir()) == ["run.py"]
+
+
+@pytest.mark.parametrize("raw", [b"[]", b"{}", b'{"files": ["state.json"]}',
+                                 b'{"files": {"state.json": "big"}}', b"not json"])
+def test_a_manifest_the_worker_could_not_bound_is_refused_by_both_readers(raw: bytes) -> None:
+    from relaymd.storage.bundle import manifest_files
+
+    assert manifest_files(b'{"files": {"a.chk": 3, "r0/b.xml": 4}}') == {"a.chk": 3,
+                                                                        "r0/b.xml": 4}
+    with pytest.raises(ValueError, match="`files` map of sizes"):
+        manifest_files(raw)

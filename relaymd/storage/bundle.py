@@ -11,6 +11,7 @@ import fnmatch
 import gzip
 import hashlib
 import io
+import json
 import os
 import posixpath
 import shutil
@@ -470,14 +471,27 @@ def glob_matches(name: str, pattern: str) -> bool:
 def checkpoint_refusal(name: str, patterns: list[str], sentinel: str | None) -> str | None:
     """Why `name` cannot be part of a checkpoint of a job with these `checkpoint.paths`, or None.
     A checkpoint restores state, never code: only files the job's own globs (or its sentinel)
-    name, and never the job's relaymd.yaml."""
-    clean = _clean_name(name)
+    name, and never the job's relaymd.yaml (nor a name that climbs out of the job dir)."""
+    try:
+        clean = _clean_name(name)
+    except BundleError as exc:
+        return str(exc)
     if clean == "relaymd.yaml":
         return f"checkpoint holds {clean}, which only a bundle may carry"
     if clean == sentinel or any(glob_matches(clean, p) for p in patterns):
         return None
     return (f"checkpoint holds {clean}, which matches none of the job's checkpoint.paths "
             f"({', '.join(patterns)})")
+
+
+def manifest_files(raw: bytes) -> dict[str, int]:
+    """A checkpoint manifest's `files` (relative path -> size), as the worker that packed the
+    checkpoint wrote them. ValueError when the manifest is not that shape."""
+    try:
+        files = json.loads(raw)["files"]
+        return {str(name): int(size) for name, size in files.items()}
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"not a JSON object with a `files` map of sizes ({exc})") from None
 
 
 def extract_checkpoint(path: Path, job_dir: Path, staging: Path, patterns: list[str],
@@ -493,7 +507,7 @@ def extract_checkpoint(path: Path, job_dir: Path, staging: Path, patterns: list[
     staging, job_dir = Path(staging), Path(job_dir)
     staging.mkdir(mode=0o700)
     root = os.path.realpath(job_dir)
-    names: list[tuple[str, int]] = []
+    names: list[str] = []
 
     def visit(tar: tarfile.TarFile, member: tarfile.TarInfo, clean: str) -> bool:
         if not member.isreg():
@@ -512,7 +526,7 @@ def extract_checkpoint(path: Path, job_dir: Path, staging: Path, patterns: list[
         with os.fdopen(fd, "wb") as out:
             shutil.copyfileobj(src, out, CHUNK)
         os.utime(target, (member.mtime, member.mtime))
-        names.append((clean, member.size))
+        names.append(clean)
         return False
 
     try:
@@ -520,7 +534,7 @@ def extract_checkpoint(path: Path, job_dir: Path, staging: Path, patterns: list[
         assert info is not None
         # Every target must be a file place inside the job dir: not a directory, and not under
         # a link or a file that the bundle put there.
-        for clean, _ in names:
+        for clean in names:
             dest = os.path.join(root, clean)
             parent = os.path.realpath(os.path.dirname(dest))
             if not (parent == root or parent.startswith(root + os.sep)):
@@ -533,7 +547,7 @@ def extract_checkpoint(path: Path, job_dir: Path, staging: Path, patterns: list[
                 raise BundleError(f"checkpoint member {clean} lies under a file")
     except OSError as exc:
         raise BundleError(f"cannot unpack checkpoint {path}: {exc.strerror or exc}") from exc
-    for clean, _ in names:
+    for clean in names:
         dest = os.path.join(root, clean)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         os.replace(staging / clean, dest)

@@ -36,7 +36,7 @@ from relaymd.models import (
 )
 from relaymd.secrets import RedactSecrets, environment_secrets, redact_logs
 from relaymd.storage import IntegrityError, ObjectNotFound, Storage, log_key, manifest_key
-from relaymd.storage.bundle import BundleError, extract_bundle, extract_checkpoint
+from relaymd.storage.bundle import BundleError, extract_bundle, extract_checkpoint, manifest_files
 from relaymd.worker.checkpoint import IncompleteCheckpoint, Signature, Watcher
 from relaymd.worker.engine import Engine
 from relaymd.worker.gateway import Gateway
@@ -290,14 +290,13 @@ class Worker:
         try:
             raw = await self.gateway.call("download manifest", self.storage.get_bytes,
                                           manifest_key(job_id, seq), give_up_after=60)
-            files = json.loads(raw)["files"]
-            declared = sum(int(v) for v in files.values())
+            declared = sum(manifest_files(raw).values())
         except ObjectNotFound:
             log.warning("checkpoint %d of job %s has no manifest; bounding it by the free disk",
                         seq, job_id[:8])
             return free
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise BundleError(f"checkpoint {seq} has an unreadable manifest ({exc})") from None
+        except ValueError as exc:
+            raise BundleError(f"checkpoint {seq} has an unreadable manifest: {exc}") from None
         return min(declared + RESTORE_MARGIN + declared // 100, free)
 
     async def run_job(self, a: Assignment) -> None:

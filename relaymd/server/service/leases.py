@@ -3,7 +3,6 @@ complete, fail)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,7 +25,7 @@ from relaymd.server.service.base import BadRequest, Forbidden, NotFound, Service
 from relaymd.server.transitions import JobNotFound, TransitionConflict, WorkerConflict
 from relaymd.server.views import job_from_row
 from relaymd.storage import ObjectNotFound, bundle_key, checkpoint_key, manifest_key
-from relaymd.storage.bundle import BundleError, checkpoint_refusal
+from relaymd.storage.bundle import checkpoint_refusal, manifest_files
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +88,6 @@ class LeaseOps(ServiceBase):
             pass  # not stale: the job had moved on by itself and freed the worker
         self.changed("jobs", job["id"])
         self.changed("workers", worker_id)
-
 
     async def claim(self, worker_id: str, gpus: int | None = None) -> Assignment | None:
         worker = await self.store.aio.get_worker(worker_id)
@@ -212,16 +210,12 @@ class LeaseOps(ServiceBase):
         except ObjectNotFound:
             return  # the worker's restore checks the archive itself
         try:
-            files = json.loads(raw)["files"]
-            names = [str(n) for n in files]
-        except (ValueError, TypeError, KeyError):
-            raise BadRequest(f"job {job_id[:8]}: checkpoint {seq}'s manifest is not a JSON "
-                             "object with a `files` map", "invalid_checkpoint", 422) from None
+            names = manifest_files(raw)
+        except ValueError as exc:
+            raise BadRequest(f"job {job_id[:8]}: checkpoint {seq}'s manifest is {exc}",
+                             "invalid_checkpoint", 422) from None
         for name in names:
-            try:
-                why = checkpoint_refusal(name, spec.paths, spec.sentinel)
-            except BundleError as exc:
-                why = str(exc)
+            why = checkpoint_refusal(name, spec.paths, spec.sentinel)
             if why is not None:
                 log.warning("job %s: refused checkpoint %d: %s", job_id[:8], seq, why)
                 raise BadRequest(f"job {job_id[:8]}: {why}", "invalid_checkpoint", 422)
