@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from relaymd.storage import Storage
 
 ENV_PREFIX = "RELAYMD_"
-MIN_ENV_SECRET_LENGTH = 8  # shorter `slurm.env` values are not redacted from logs
+MIN_ENV_SECRET_LENGTH = 8  # shorter environment values ("1", "true") are never redacted
 
 
 class ConfigError(Exception):

@@ -33,20 +33,10 @@ def private_dir(path: Path, *, fix_existing: bool = True) -> Path:
     return path
 
 
-def private_file(path: Path) -> Path:
-    """Create `path` empty if it is missing, and make it 0600; its contents are left alone."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, PRIVATE_FILE)
-    try:
-        os.fchmod(fd, PRIVATE_FILE)
-    finally:
-        os.close(fd)
-    return path
-
-
 def private_path(path: Path, *, create: bool = True) -> None:
-    """Make `path` 0600 without ever opening an existing file (see Store._open: closing a
-    descriptor drops the process's POSIX locks on the file, SQLite's among them). A missing file
-    is created empty and 0600 when `create`, and left missing otherwise."""
+    """Make `path` 0600 without ever opening an existing file (closing a descriptor drops the
+    process's POSIX locks on the file, SQLite's among them: see Store._open). A missing file is
+    created empty and 0600 when `create`, and left missing otherwise."""
     if create:
         try:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE))

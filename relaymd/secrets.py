@@ -47,6 +47,8 @@ import httpx
 import yaml
 
 from relaymd import __version__
+from relaymd.config import MIN_ENV_SECRET_LENGTH
+from relaymd.models import RESERVED_ENV_PREFIXES
 
 log = logging.getLogger(__name__)
 
@@ -652,16 +654,16 @@ class RedactSecrets(logging.Filter):
         return True
 
 
-SECRET_ENV_PREFIXES = ("RELAYMD_", "AWS_", "INFISICAL_", "TAILSCALE_")
 SECRET_ENV_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "CREDENTIAL", "AUTH")
 
 
 def environment_secrets(environ: Mapping[str, str] | None = None) -> list[str]:
     """Values in the environment that look like secrets (RELAYMD_WORKER_TOKEN,
-    AWS_SECRET_ACCESS_KEY, INFISICAL_CLIENT_SECRET, TAILSCALE_AUTHKEY, ...): for redaction."""
+    AWS_SECRET_ACCESS_KEY, INFISICAL_CLIENT_SECRET, TAILSCALE_AUTHKEY, ...): for redaction.
+    The names are the worker's own (the prefixes a job's `env:` may not set)."""
     source = os.environ if environ is None else environ
-    return [v for k, v in source.items() if k.upper().startswith(SECRET_ENV_PREFIXES)
-            and any(w in k.upper() for w in SECRET_ENV_WORDS) and len(v) >= 8]
+    return [v for k, v in source.items() if k.upper().startswith(RESERVED_ENV_PREFIXES)
+            and any(w in k.upper() for w in SECRET_ENV_WORDS) and len(v) >= MIN_ENV_SECRET_LENGTH]
 
 
 def redact_logs(values: Iterable[str | None]) -> None:

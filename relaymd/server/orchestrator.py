@@ -25,7 +25,7 @@ import uvicorn
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from relaymd.config import ClusterConfig, Settings
-from relaymd.fsutil import private_dir, private_file
+from relaymd.fsutil import private_dir, private_path
 from relaymd.secrets import redact_logs
 from relaymd.server.api import create_app
 from relaymd.server.auth import Authenticator, Tokens, load_or_create_tokens
@@ -56,7 +56,7 @@ class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
     runs for the first file and again for each fresh one after a rollover."""
 
     def _open(self) -> Any:
-        private_file(Path(self.baseFilename))
+        private_path(Path(self.baseFilename))
         return super()._open()
 
 

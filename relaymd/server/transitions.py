@@ -60,8 +60,6 @@ def job_transition_allowed(src: JobStatus, dst: JobStatus) -> bool:
     return (src, dst) in JOB_EDGES
 
 
-
-
 def _states(states: frozenset[Any]) -> list[str]:
     return sorted(str(s) for s in states)
 

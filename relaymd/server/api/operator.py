@@ -98,7 +98,6 @@ class OperatorRoutes(ApiBase):
     async def rotate_token(self, request: Request, _: Principal | None) -> Response:
         return JSONResponse(await self.service.rotate_token(request.path_params["name"]))
 
-
     def routes(self) -> list[Route]:
         e = self.endpoint
         v1 = "/api/v1"

@@ -84,7 +84,6 @@ class WorkerRoutes(ApiBase):
         return ok(await self.service.fail(p.worker_id, self.job_id(request), f.attempt,
                                           f.exit_code, f.reason, f.log_tail))
 
-
     def routes(self) -> list[Route]:
         e = self.endpoint
         v1 = "/api/v1"

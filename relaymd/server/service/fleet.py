@@ -94,7 +94,6 @@ class FleetOps(ServiceBase):
                                 heartbeat_interval=self.settings.heartbeat_interval,
                                 heartbeat_timeout=self.settings.heartbeat_timeout)
 
-
     async def deregister(self, worker_id: str, reason: str = "worker exited") -> None:
         worker = await self.store.aio.get_worker(worker_id)
         if worker is None:
@@ -150,8 +149,12 @@ class FleetOps(ServiceBase):
 
     # ------------------------------------------------------------------ bootstrap tokens
 
+    def _token_clusters(self) -> list[str]:
+        """The clusters that have a bootstrap token: the configured ones and this machine's."""
+        return sorted({*self.cluster_configs, self.auth.tokens.local})
+
     def _token_cluster(self, name: str) -> str:
-        known = sorted({*self.cluster_configs, self.auth.tokens.local})
+        known = self._token_clusters()
         if name not in known:
             raise NotFound(f"no cluster {name!r} (clusters: {', '.join(known)})")
         return name
@@ -160,7 +163,7 @@ class FleetOps(ServiceBase):
         """Each cluster's bootstrap token, masked (`relaymd tokens`)."""
         book = self.auth.tokens
         out = []
-        for name in sorted({*self.cluster_configs, book.local}):
+        for name in self._token_clusters():
             token = book.for_cluster(name)
             config = self.cluster_configs.get(name)
             out.append({"cluster": name, "provider": config.provider if config else "local",
@@ -182,7 +185,7 @@ class FleetOps(ServiceBase):
         self._token_cluster(name)
         if name == self.auth.tokens.local and self.settings.worker_token is not None:
             raise ConflictError(f"cluster {name!r}'s token comes from the configuration "
-                           "(worker_token / RELAYMD_WORKER_TOKEN); change it there and restart")
+                                "(worker_token / RELAYMD_WORKER_TOKEN); change it there and restart")
         token = self.auth.rotate(name)
         await asyncio.to_thread(write_tokens_file, self.settings.tokens_path, self.auth.tokens)
         redact_logs([token])
@@ -200,7 +203,6 @@ class FleetOps(ServiceBase):
             await self.deregister(worker_id, reason)
         except (NotFound, WorkerConflict):
             pass
-
 
     async def flush(self) -> None:
         """Write buffered liveness and progress to the store."""

@@ -154,7 +154,6 @@ class JobOps(ServiceBase):
         workers = await self.store.aio.count_workers_by_status()
         return jobs, workers
 
-
     async def purge(self, ref: str) -> dict[str, Any]:
         """Delete a finished job everywhere: its rows, then every stored object under its prefix.
         A job id no longer in the database still gets its leftover objects deleted."""
