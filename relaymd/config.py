@@ -25,11 +25,12 @@ from pydantic import (
     model_validator,
 )
 
+from relaymd.models import MIN_ENV_SECRET_LENGTH
+
 if TYPE_CHECKING:
     from relaymd.storage import Storage
 
 ENV_PREFIX = "RELAYMD_"
-MIN_ENV_SECRET_LENGTH = 8  # shorter environment values ("1", "true") are never redacted
 
 
 class ConfigError(Exception):

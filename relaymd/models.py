@@ -16,6 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 JOB_ID_LENGTH = 32  # uuid4().hex
 # Variables a job's `env:` may not set: the worker's own settings and secrets live there.
 RESERVED_ENV_PREFIXES = ("RELAYMD_", "AWS_", "INFISICAL_", "TAILSCALE_")
+MIN_ENV_SECRET_LENGTH = 8  # shorter environment values ("1", "true") are never redacted
 
 
 class JobStatus(StrEnum):

@@ -47,8 +47,7 @@ import httpx
 import yaml
 
 from relaymd import __version__
-from relaymd.config import MIN_ENV_SECRET_LENGTH
-from relaymd.models import RESERVED_ENV_PREFIXES
+from relaymd.models import MIN_ENV_SECRET_LENGTH, RESERVED_ENV_PREFIXES
 
 log = logging.getLogger(__name__)
 
