@@ -464,15 +464,16 @@ def requeue(ctx: click.Context, job_ref: str, url: str | None, as_json: bool) ->
 
 def workers_table(workers: list[Worker]) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("ID", "CLUSTER", "HOST", "PLATFORM", "GPUS", "STATUS", "JOB", "HEARTBEAT",
-                "ALLOC LEFT"):
+    for col in ("ID", "CLUSTER", "PROVIDER", "HOST", "COMPUTE", "GPUS", "STATUS", "JOB",
+                "HEARTBEAT", "ALLOC LEFT"):
         table.add_column(col, no_wrap=True, overflow="ellipsis")
     now = datetime.now(UTC)
     for w in workers:
         left = "-"
         if w.wall_time_end is not None:
             left = age(now, w.wall_time_end) if w.wall_time_end > now else "ended"
-        table.add_row(w.id[:8], escape(w.cluster), escape(w.hostname), escape(w.platform or "-"),
+        table.add_row(w.id[:8], escape(w.cluster), w.provider, escape(w.hostname),
+                      escape(w.compute_platform or "-"),
                       escape(f"{w.gpus} {w.gpu_model}".strip()), styled(w.status), (w.job_id or "-")[:8],
                       age(w.last_heartbeat_at, now), left)
     return table

@@ -225,7 +225,6 @@ class Settings(BaseModel):
     # The cluster this worker belongs to. Default: the one its bootstrap token was issued for
     # (the orchestrator decides by the token; a worker naming another cluster is refused).
     cluster: str | None = None
-    platform: Literal["hpc", "salad", "local"] = "local"
     handoff_margin: float = Field(default=300.0, ge=0)  # hand back this long before the end
     min_segment: float = Field(default=600.0, ge=0)  # don't claim with less allocation left
     shutdown_wait: float = Field(default=90.0, gt=0)  # engine's time to write a last checkpoint

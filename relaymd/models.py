@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 JOB_ID_LENGTH = 32  # uuid4().hex
 # Variables a job's `env:` may not set: the worker's own settings and secrets live there.
@@ -265,9 +265,14 @@ class WorkerRegister(Strict):
     hostname: CleanText = Field(default="", max_length=255)
     # The cluster comes from the bootstrap token; a body may name it, never another one.
     cluster: str | None = Field(default=None, max_length=100)
-    provider: str = Field(default="local", max_length=50)  # ignored: the cluster's provider
+    # Ignored, accepted so that workers of earlier releases still register: the provider is
+    # the token's cluster's (slurm, salad or local).
+    provider: str = Field(default="local", max_length=50)
     provider_id: CleanText | None = Field(default=None, max_length=200)  # e.g. the SLURM job id
-    platform: CleanText = Field(default="", max_length=50)  # OpenMM platform: CUDA, OpenCL, CPU
+    # The compute platform the engine will use: CUDA, OpenCL or CPU (earlier workers sent it as
+    # `platform`, a word that also meant the provider; both spellings are accepted).
+    compute_platform: CleanText = Field(
+        default="", max_length=50, validation_alias=AliasChoices("compute_platform", "platform"))
     gpus: int = Field(default=0, ge=0, le=64)
     gpu_model: CleanText = Field(default="", max_length=200)
     vram_gb: float = Field(default=0, ge=0)
@@ -301,7 +306,7 @@ class Worker(BaseModel):
     cluster: str
     provider: str
     provider_id: str | None
-    platform: str
+    compute_platform: str  # CUDA, OpenCL or CPU
     gpus: int
     gpu_model: str
     vram_gb: float

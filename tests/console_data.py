@@ -21,14 +21,14 @@ def clock() -> float:
 def busy_rows() -> tuple[list[JobRow], list[WorkerRow]]:
     """Jobs in every state, workers in every live state, on two clusters."""
     w = [
-        WorkerRow("a1" * 16, "delta", "hpc", "4x NVIDIA A100", "busy", "1f" * 16, NOW - 3,
+        WorkerRow("a1" * 16, "delta", "slurm", "4x NVIDIA A100", "busy", "1f" * 16, NOW - 3,
                   NOW + 3 * 3600 + 600),
-        WorkerRow("b2" * 16, "delta", "hpc", "1x NVIDIA A40", "busy", "2e" * 16, NOW - 9,
+        WorkerRow("b2" * 16, "delta", "slurm", "1x NVIDIA A40", "busy", "2e" * 16, NOW - 9,
                   NOW + 1500),
         WorkerRow("c3" * 16, "salad", "salad", "1x RTX 4090", "idle", "", NOW - 1, None),
-        WorkerRow("d4" * 16, "delta", "hpc", "1x NVIDIA A40", "stale", "", NOW - 95,
+        WorkerRow("d4" * 16, "delta", "slurm", "1x NVIDIA A40", "stale", "", NOW - 95,
                   NOW + 200),
-        WorkerRow("e5" * 16, "delta", "hpc", "cpu", "provisioning", "", None, None),
+        WorkerRow("e5" * 16, "delta", "slurm", "cpu", "provisioning", "", None, None),
     ]
     j = [
         JobRow("1f" * 16, "abl1-complex-fep", "running", 0.62, "31/50 ns", 14, "a1" * 16,

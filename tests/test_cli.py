@@ -35,7 +35,7 @@ CHECKPOINT_KEYS = {"seq", "key", "sha256", "size", "attempt", "worker_id", "crea
 EVENT_KEYS = {"id", "job_id", "worker_id", "kind", "from_status", "to_status", "attempt", "seq",
               "reason", "at"}
 WORKER_KEYS = {
-    "id", "name", "hostname", "cluster", "provider", "provider_id", "platform", "gpus",
+    "id", "name", "hostname", "cluster", "provider", "provider_id", "compute_platform", "gpus",
     "gpu_model", "vram_gb", "status", "job_id", "consecutive_failures", "registered_at",
     "last_heartbeat_at", "wall_time_end", "note",
 }
@@ -292,7 +292,7 @@ def test_workers_lists_registered_workers(server: RunningOrchestrator) -> None:
     assert set(w) == WORKER_KEYS, f"workers --json keys differ: {set(w) ^ WORKER_KEYS}"
     assert w["id"] == wid and w["status"] == "idle" and w["job_id"] is None, w
     assert (w["name"], w["hostname"], w["cluster"], w["provider"], w["provider_id"],
-            w["platform"], w["gpus"], w["gpu_model"], w["vram_gb"]) == \
+            w["compute_platform"], w["gpus"], w["gpu_model"], w["vram_gb"]) == \
         ("w7", "gpu-node-7", "local", "local", "123456", "CUDA", 2, "A100", 80), w
 
     table = relaymd(home, "workers")

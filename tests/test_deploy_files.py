@@ -615,7 +615,9 @@ def test_salad_body_matches_the_create_container_group_schema() -> None:
 def test_salad_environment_configures_salad_workers_with_placeholder_secrets_only() -> None:
     body = json.loads(SALAD_GROUP.read_text())
     env = body["container"]["environment_variables"]
-    assert env["RELAYMD_PLATFORM"] == "salad"
+    from relaymd.config import WorkerSettings
+    known = {"RELAYMD_" + name.upper() for name in WorkerSettings.model_fields}
+    assert {n for n in env if n.startswith("RELAYMD_")} <= known, "a variable the worker ignores"
     assert env["RELAYMD_CLUSTER"] == "salad"
     assert env["RELAYMD_WORKER_IDLE"] == "poll_then_exit"
     assert env["RELAYMD_URL"].startswith("https://")

@@ -75,7 +75,7 @@ def test_worker_text_loses_terminal_control_characters_before_it_is_stored(
     # model_construct: no client-side validation, so the API itself must clean the text.
     reg = w.register(WorkerRegister.model_construct(
         hostname="node\x1b]52;c;ZXZpbA==\x07-7", name="w\x9b31m1", gpus=1,
-        gpu_model="A100\x1b[2J", platform="CU\x7fDA", provider_id="42\x1b[0m"))
+        gpu_model="A100\x1b[2J", compute_platform="CU\x7fDA", provider_id="42\x1b[0m"))
     w.set_token(reg.token)
     a = w.claim()
     assert a is not None
@@ -91,7 +91,7 @@ def test_worker_text_loses_terminal_control_characters_before_it_is_stored(
     for event in detail.events:
         assert not CONTROL.search(event.reason), event
     listed = next(x for x in op.workers() if x.id == reg.worker_id)
-    texts = (listed.hostname, listed.name, listed.gpu_model, listed.platform,
+    texts = (listed.hostname, listed.name, listed.gpu_model, listed.compute_platform,
              listed.provider_id or "")
     assert not any(CONTROL.search(t) for t in texts), texts
     assert texts == ("node]52;c;ZXZpbA==-7", "w31m1", "A100[2J", "CUDA", "42[0m")

@@ -26,15 +26,36 @@ async def test_store_is_wal_with_busy_timeout_and_versioned(tmp_path: Path) -> N
     try:
         assert await store.run(store.journal_mode) == "wal"
         assert await store.run(store.busy_timeout) == 10000
-        assert await store.run(store.schema_version) == ["m001_initial", "m002_clusters", "m003_trust"]
+        assert await store.run(store.schema_version) == ["m001_initial", "m002_clusters", "m003_trust",
+                                                         "m004_compute_platform"]
         with pytest.raises(WrongThread):
             store.get_job("x")  # not on the store thread
     finally:
         await store.close()
     again = Store(tmp_path / "r.db")
     await again.open()  # migrations are idempotent
-    assert await again.run(again.schema_version) == ["m001_initial", "m002_clusters", "m003_trust"]
+    assert await again.run(again.schema_version) == [
+        "m001_initial", "m002_clusters", "m003_trust", "m004_compute_platform"]
     await again.close()
+
+
+async def test_a_database_of_the_previous_release_keeps_its_workers_compute_platform(
+        tmp_path: Path) -> None:
+    from sqlite_utils import Database
+
+    from relaymd.server.store import migrations
+    db = Database(tmp_path / "r.db")
+    migrations.apply(db, stop_before="m004_compute_platform")
+    db["workers"].insert({"id": "w1", "cluster": "local", "provider": "local", "platform": "CUDA",
+                          "status": "idle", "registered_at": 1.0})
+    db.close()
+    store = Store(tmp_path / "r.db")
+    await store.open()
+    try:
+        workers = await store.aio.list_workers()
+        assert [(w["id"], w["compute_platform"]) for w in workers] == [("w1", "CUDA")]
+    finally:
+        await store.close()
 
 
 def test_second_orchestrator_on_same_database_is_refused(server: RunningOrchestrator) -> None:

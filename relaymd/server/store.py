@@ -103,6 +103,13 @@ def m003_trust(db: Database) -> None:
     db.table("checkpoints").add_column("untrusted", int, not_null_default=0)
 
 
+@migrations()
+def m004_compute_platform(db: Database) -> None:
+    # `platform` meant the provider in some places and CUDA/CPU in others; the column holds the
+    # latter, and says so now.
+    db.execute("ALTER TABLE workers RENAME COLUMN platform TO compute_platform")
+
+
 class WrongThread(RuntimeError):
     pass
 

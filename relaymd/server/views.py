@@ -108,7 +108,7 @@ def worker_from_row(row: dict[str, Any], last_seen: float | None = None) -> Work
     return Worker(
         id=row["id"], name=row["name"] or "", hostname=row["hostname"] or "",
         cluster=row["cluster"] or "", provider=row["provider"] or "",
-        provider_id=row["provider_id"], platform=row["platform"] or "", gpus=row["gpus"] or 0,
+        provider_id=row["provider_id"], compute_platform=row["compute_platform"] or "", gpus=row["gpus"] or 0,
         gpu_model=row["gpu_model"] or "", vram_gb=row["vram_gb"] or 0.0, status=row["status"],
         job_id=row["job_id"], consecutive_failures=row["consecutive_failures"] or 0,
         note=row.get("note"),

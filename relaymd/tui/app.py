@@ -39,7 +39,7 @@ STATUS_STYLE = {"queued": "yellow", "assigned": "cyan", "running": "bold green",
 JOB_COLUMNS = (("id", "ID", 8), ("title", "TITLE", 16), ("status", "STATE", 9),
                ("progress", "PROGRESS", 13), ("last", "LAST CKPT", 9), ("ckpt", "CKPTS", 5),
                ("worker", "WORKER", 8), ("cluster", "CLUSTER", 8), ("age", "AGE", 6))
-WORKER_COLUMNS = (("id", "ID", 8), ("status", "STATE", 12), ("where", "PLATFORM/CLUSTER", 17),
+WORKER_COLUMNS = (("id", "ID", 8), ("status", "STATE", 12), ("where", "PROVIDER/CLUSTER", 17),
                   ("gpu", "GPU", 16), ("job", "JOB", 8), ("beat", "HEARTBEAT", 9),
                   ("left", "ALLOC LEFT", 10))
 
@@ -383,7 +383,7 @@ class RelayApp(App[None]):
                 continue
             left = "-" if w.wall_time_end is None else (
                 ago(now, w.wall_time_end) if w.wall_time_end > now else "ended")
-            wanted[w.id] = (w.id[:8], w.status, f"{w.platform}/{w.cluster}", w.gpu,
+            wanted[w.id] = (w.id[:8], w.status, f"{w.provider}/{w.cluster}", w.gpu,
                             w.job[:8] or "-", ago(w.last_heartbeat_at, now), left)
         gone = [(k, None) for k in self._worker_cells if k not in wanted]
         self.query_one("#workers", FixedTable).patch(
@@ -567,7 +567,7 @@ class RelayApp(App[None]):
         running = 0
         if self.source.local_workers_alive():
             running = sum(1 for w in self._worker_list
-                          if w.status == "busy" and w.platform == "local")
+                          if w.status == "busy" and w.provider == "local")
         if not running:
             self.exit()
             return

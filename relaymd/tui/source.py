@@ -31,7 +31,7 @@ class JobRow:
 class WorkerRow:
     id: str
     cluster: str
-    platform: str  # where it runs: hpc, salad or local (the worker's provider)
+    provider: str  # where it comes from: slurm, salad or local
     gpu: str
     status: str
     job: str

@@ -132,8 +132,8 @@ class Worker:
         # The id its provider knows it by: a placeholder keyed by it becomes this worker.
         provider_id = slurm_id or os.environ.get("SALAD_MACHINE_ID") or None
         req = WorkerRegister(
-            hostname=hostname(), cluster=s.cluster, provider=s.platform, provider_id=provider_id,
-            platform="CUDA" if gpus.count else "CPU", gpus=gpus.count, gpu_model=gpus.model,
+            hostname=hostname(), cluster=s.cluster, provider_id=provider_id,
+            compute_platform="CUDA" if gpus.count else "CPU", gpus=gpus.count, gpu_model=gpus.model,
             vram_gb=gpus.vram_gb, wall_time_end=to_datetime(self.wall_time_end))
         reg = await self.gateway.call("register", self.client.register, req)
         self.client.set_token(reg.token)

@@ -162,7 +162,6 @@ class SlurmProvider:
             "RELAYMD_URL": self.url,
             "RELAYMD_WORKER_TOKEN": self.worker_token(),
             "RELAYMD_CLUSTER": self.cluster.name,
-            "RELAYMD_PLATFORM": "hpc",
             "RELAYMD_WORKER_IDLE": "immediate_exit",
             # Hand back when the warning signal comes or this long before the end, whichever
             # is first; claim only with room for a useful segment.

@@ -69,7 +69,7 @@ class FleetOps(ServiceBase):
         row = {
             "id": worker_id, "name": req.name, "hostname": req.hostname,
             "cluster": cluster, "provider": provider, "provider_id": req.provider_id,
-            "platform": req.platform, "gpus": req.gpus, "gpu_model": req.gpu_model,
+            "compute_platform": req.compute_platform, "gpus": req.gpus, "gpu_model": req.gpu_model,
             "vram_gb": req.vram_gb, "job_id": None,
             "token_hash": hash_token(token), "registered_at": now, "last_heartbeat_at": now,
             "wall_time_end": req.wall_time_end.timestamp() if req.wall_time_end else None,
@@ -120,7 +120,7 @@ class FleetOps(ServiceBase):
         worker_id = uuid.uuid4().hex
         await self.machine.add_placeholder({
             "id": worker_id, "name": name, "hostname": "", "cluster": cluster,
-            "provider": provider, "provider_id": provider_id, "platform": "", "gpus": gpus,
+            "provider": provider, "provider_id": provider_id, "compute_platform": "", "gpus": gpus,
             "gpu_model": "", "vram_gb": 0.0, "job_id": None, "token_hash": None,
             "registered_at": now, "last_heartbeat_at": None, "wall_time_end": None,
             "note": "submitted",

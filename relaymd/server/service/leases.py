@@ -130,12 +130,11 @@ class LeaseOps(ServiceBase):
         return job_from_row(row)
 
     def cluster_priority(self, cluster: str, provider: str) -> int:
-        """The configured cluster's priority; for others, its provider's default (a worker
-        registers its platform, so `hpc` stands for slurm)."""
+        """The configured cluster's priority; for others, its provider's default."""
         configured = self._priorities.get(cluster)
         if configured is not None:
             return configured
-        return DEFAULT_CLUSTER_PRIORITY.get({"hpc": "slurm"}.get(provider, provider), 0)
+        return DEFAULT_CLUSTER_PRIORITY.get(provider, 0)
 
     def _rank(self, w: Any) -> tuple[int, int, float]:
         return scheduling.rank(w["gpus"] or 0,
