@@ -15,16 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from relaymd.client import Client, discover_token
-from relaymd.config import Settings
-from relaymd.models import JobCreate
+from relaymd.config import OrchestratorSettings
+from relaymd.models import LIVE_JOB_STATES, JobCreate
 
 log = logging.getLogger(__name__)
 
-ACTIVE = ["queued", "assigned", "running"]
+ACTIVE = sorted(LIVE_JOB_STATES)
 TITLE = "demo: villin in water (OpenMM)"
 
 
-def submit_demo(settings: Settings, url: str, say: Callable[[str], None] = print) -> str | None:
+def submit_demo(settings: OrchestratorSettings, url: str, say: Callable[[str], None] = print) -> str | None:
     """Queue the demo job unless work is already queued or running; returns its id, if any."""
     from relaymd.engines.openmm.example import write_example
     from relaymd.storage.bundle import pack_directory

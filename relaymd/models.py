@@ -2,6 +2,10 @@
 
 Every HTTP request and response body is one of these models. Field names are the JSON keys and
 are part of the stable `--json` output documented in the README.
+
+Over 400 lines because it is the whole contract in one place: a change to the protocol or to the
+`--json` output is one diff in one file, and the state sets beside the statuses are what the rest
+of the package reads instead of spelling a status.
 """
 
 from __future__ import annotations

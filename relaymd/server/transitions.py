@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from relaymd.models import (
@@ -19,7 +20,18 @@ from relaymd.models import (
 )
 from relaymd.server.errors import InvalidCheckpoint, JobNotFound, TransitionConflict, WorkerConflict
 from relaymd.server.scheduling import Rival
-from relaymd.server.store import ClaimMove, Expr, JobChange, Store, WorkerUpdate, dumps
+from relaymd.server.store import (
+    KEEP,
+    ClaimMove,
+    IfNull,
+    Increment,
+    JobChange,
+    OnLimit,
+    Store,
+    Swap,
+    WorkerUpdate,
+    dumps,
+)
 from relaymd.storage import checkpoint_key
 
 Q, A, R = JobStatus.queued, JobStatus.assigned, JobStatus.running
@@ -111,13 +123,14 @@ class StateMachine:
         return {"kind": kind, "reason": reason, "worker_id": worker_id, "at": self.clock(), **extra}
 
     def _leased(self, action: str, job_id: str, worker_id: str, attempt: int,
-                to_status: str | Expr, **kw: Any) -> JobChange:
+                to_status: str | OnLimit, **kw: Any) -> JobChange:
         return JobChange(job_id=job_id, from_states=_states(JOB_ACTIONS[action][0]),
                          to_status=to_status, attempt=attempt, worker_id=worker_id, **kw)
 
     def _free_worker(self, worker_id: str, job_id: str, **fields: Any) -> WorkerUpdate:
         """The job's worker is idle again (unless `fields` say otherwise), if it still holds it."""
-        return WorkerUpdate(worker_id, {"status": str(W.idle), "job_id": None, **fields},
+        free = str(WORKER_ACTIONS["free"][1])
+        return WorkerUpdate(worker_id, {"status": free, "job_id": None, **fields},
                             holding=job_id)
 
     # ------------------------------------------------------------------ worker-driven
@@ -128,7 +141,7 @@ class StateMachine:
         now = self.clock()
         return await self.store.aio.claim_next(
             worker_id, gpus, CLAIM,
-            {"attempt": Expr("attempt + 1"), "worker_id": worker_id, "updated_at": now,
+            {"attempt": Increment(), "worker_id": worker_id, "updated_at": now,
              "progress": None, "blocked_reason": None},
             now, {"kind": "claim", "worker_id": worker_id, "from_status": CLAIM.job_from,
                   "to_status": CLAIM.job_to, "reason": "claimed"},
@@ -139,21 +152,19 @@ class StateMachine:
         now = self.clock()
         return await self._change("start", self._leased(
             "start", job_id, worker_id, attempt, str(R),
-            set_fields={"updated_at": now, "started_at": Expr(f"COALESCE(started_at, {now!r})")},
+            set_fields={"updated_at": now, "started_at": IfNull(now)},
             event=self._event("start", "engine started", worker_id, attempt=attempt)))
 
     def _checkpoint_parts(
             self, job_id: str, worker_id: str, report: CheckpointReport, trusted: bool = True,
-    ) -> tuple[dict[str, Any], tuple[str, list[Any]], tuple[str, dict[str, Any]]]:
+    ) -> tuple[dict[str, Any], tuple[str, dict[str, Any]]]:
         now = self.clock()
         fields = {
-            "latest_checkpoint": report.seq, "checkpoints": Expr("checkpoints + 1"),
+            "latest_checkpoint": report.seq, "checkpoints": Increment(),
             "last_checkpoint_at": now, "updated_at": now,
         }
         if report.progress is not None:
             fields["progress"] = dumps(report.progress.model_dump())
-        where = ("? < next_seq AND (latest_checkpoint IS NULL OR latest_checkpoint < ?)",
-                 [report.seq, report.seq])
         insert = ("checkpoints", {
             "job_id": job_id, "seq": report.seq, "key": checkpoint_key(job_id, report.seq),
             "sha256": report.sha256, "size": report.size, "attempt": report.attempt,
@@ -161,7 +172,7 @@ class StateMachine:
             "progress": dumps(report.progress.model_dump()) if report.progress else None,
             "untrusted": 0 if trusted else 1,
         })
-        return fields, where, insert
+        return fields, insert
 
     async def _with_checkpoint(self, action: str, job_id: str, worker_id: str,
                                report: CheckpointReport | None, change: JobChange,
@@ -169,9 +180,9 @@ class StateMachine:
         if report is not None:
             if report.attempt != change.attempt:
                 raise InvalidCheckpoint("checkpoint attempt differs from the request's attempt")
-            fields, where, insert = self._checkpoint_parts(job_id, worker_id, report, trusted)
+            fields, insert = self._checkpoint_parts(job_id, worker_id, report, trusted)
             change.set_fields = {**fields, **change.set_fields}
-            change.extra_where = where
+            change.checkpoint_seq = report.seq
             change.inserts.append(insert)
             change.event["seq"] = report.seq
         try:
@@ -231,20 +242,22 @@ class StateMachine:
         now = self.clock()
         failure = {"attempt": attempt, "exit_code": exit_code, "reason": reason,
                    "log_tail": log_tail, "at": now}
-        n = int(self.quarantine_after)
+        # The failure that exhausts the job's budget fails it (keeping its worker on record);
+        # any other requeues it. The worker's own failure streak may quarantine it.
+        failed, requeued = FAILED, Q  # the two ends JOB_ACTIONS["fail"] allows
+        budget_spent = partial(OnLimit, "failures", "max_attempts")
+        streak_over = partial(OnLimit, "consecutive_failures", int(self.quarantine_after))
         return await self._change("fail", self._leased(
-            "fail", job_id, worker_id, attempt,
-            Expr("CASE WHEN failures + 1 >= max_attempts THEN 'failed' ELSE 'queued' END"),
+            "fail", job_id, worker_id, attempt, budget_spent(str(failed), str(requeued)),
             set_fields={
-                "failures": Expr("failures + 1"), "last_failure": dumps(failure),
-                "worker_id": Expr("CASE WHEN failures + 1 >= max_attempts THEN worker_id END"),
-                "updated_at": now,
-                "finished_at": Expr(f"CASE WHEN failures + 1 >= max_attempts THEN {now!r} END"),
+                "failures": Increment(), "last_failure": dumps(failure),
+                "worker_id": budget_spent(KEEP, None), "updated_at": now,
+                "finished_at": budget_spent(now, None),
             },
             worker_update=self._free_worker(
-                worker_id, job_id, consecutive_failures=Expr("consecutive_failures + 1"),
-                status=Expr(f"CASE WHEN consecutive_failures + 1 >= {n} "
-                            f"THEN 'quarantined' ELSE 'idle' END")),
+                worker_id, job_id, consecutive_failures=Increment(),
+                status=streak_over(str(WORKER_ACTIONS["quarantine"][1]),
+                                   str(WORKER_ACTIONS["free"][1]))),
             event=self._event("fail", reason, worker_id, attempt=attempt)))
 
     # ------------------------------------------------------------------ operator / reaper
@@ -282,7 +295,7 @@ class StateMachine:
             # a worker still marked busy with this job is the one that vanished: stale, not busy
             worker_update=self._free_worker(
                 worker_id, job_id,
-                status=Expr("CASE WHEN status = 'busy' THEN 'stale' ELSE status END")),
+                status=Swap(str(W.busy), str(WORKER_ACTIONS["stale"][1]))),
             event=self._event("lose", reason, worker_id, attempt=attempt)))
 
     async def reject_checkpoint(self, job_id: str, worker_id: str, attempt: int, seq: int,

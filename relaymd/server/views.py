@@ -11,6 +11,7 @@ from relaymd.models import (
     Failure,
     Job,
     JobDetail,
+    JobStatus,
     Progress,
     Worker,
     to_datetime,
@@ -35,7 +36,7 @@ def job_from_row(row: dict[str, Any], progress: dict[str, Any] | None = None) ->
         started_at=to_datetime(row["started_at"]), finished_at=to_datetime(row["finished_at"]),
         last_checkpoint_at=to_datetime(row["last_checkpoint_at"]),
         preferred_clusters=load_json(row["preferred_clusters"]),
-        queue_blocked_reason=row["blocked_reason"] if row["status"] == "queued" else None,
+        queue_blocked_reason=row["blocked_reason"] if row["status"] == JobStatus.queued else None,
         trusted_only=bool(row["trusted_only"]),
     )
 

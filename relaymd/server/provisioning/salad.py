@@ -44,6 +44,7 @@ from urllib.parse import quote
 import httpx
 
 from relaymd.config import ClusterConfig, SaladSettings
+from relaymd.models import LIVE_WORKER_STATES, WorkerStatus
 from relaymd.server.provisioning.base import ProviderError, Seen
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,10 @@ MERGE_PATCH = "application/merge-patch+json"
 
 # current_state.status values in which replicas are (or will be) coming up.
 ACTIVE_STATES = frozenset({"running", "deploying", "pending"})
+GROUP_FAILED = "failed"  # the group could not start (Salad's word, not a job state)
 # Stopped-like: nothing runs and a POST start is needed before any replica does.
 STOPPED_STATES = frozenset({"stopped", "succeeded"})
-REGISTERED = frozenset({"idle", "busy"})
+REGISTERED = LIVE_WORKER_STATES
 
 
 class SaladError(ProviderError):
@@ -104,7 +106,7 @@ class SaladProvider:
     # -- the Provider protocol -------------------------------------------------------------------
 
     async def reconcile(self, workers: list[dict[str, Any]]) -> Seen:
-        if any(w.get("status") == "busy" for w in workers):
+        if any(w.get("status") == WorkerStatus.busy for w in workers):
             self._idle_since = None
         try:
             replicas, status, description = await self._get_group()
@@ -129,7 +131,7 @@ class SaladProvider:
         if count <= 0:
             return 0
         replicas, status, description = await self._get_group()
-        if status == "failed":
+        if status == GROUP_FAILED:
             why = description or "no description"
             raise self._error("start container group", f"the group is in state failed ({why}); "
                               "fix its image or registry credentials in the Salad portal, then start "
@@ -157,7 +159,7 @@ class SaladProvider:
 
     async def scale_in(self, workers: list[dict[str, Any]]) -> None:
         now = self._clock()
-        if any(w.get("status") == "busy" for w in workers):
+        if any(w.get("status") == WorkerStatus.busy for w in workers):
             # Salad, not we, picks which instance a lower count removes: with any job running,
             # the count stays, or a multi-day job could lose its node.
             self._idle_since = None
@@ -298,7 +300,7 @@ class SaladProvider:
         return text.replace(self._key, "<api key>") if self._key else text
 
     def _note(self, status: str, description: str, replicas: int) -> str:
-        if status == "failed":
+        if status == GROUP_FAILED:
             return (f"salad: container group failed ({description or 'no description'}); fix its "
                     "image or registry credentials in the Salad portal")
         if status in STOPPED_STATES:

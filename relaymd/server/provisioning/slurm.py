@@ -31,11 +31,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from relaymd.config import ClusterConfig, Settings, SlurmSettings
+from relaymd.config import ClusterConfig, OrchestratorSettings, SlurmSettings
+from relaymd.models import WorkerStatus
 from relaymd.server.provisioning.base import ProviderError, Seen
 from relaymd.server.service import Service
 
 log = logging.getLogger(__name__)
+NOT_GONE = frozenset(WorkerStatus) - {WorkerStatus.gone}
 
 TEMPLATE = Path(__file__).with_name("job.sbatch")
 # Job states after which nothing of the allocation runs any more.
@@ -95,7 +97,7 @@ def parse_scontrol_state(stdout: str) -> str | None:
 
 
 class SlurmProvider:
-    def __init__(self, cluster: ClusterConfig, settings: Settings, service: Service, url: str,
+    def __init__(self, cluster: ClusterConfig, settings: OrchestratorSettings, service: Service, url: str,
                  worker_token: str | Callable[[], str],
                  clock: Callable[[], float] = time.time) -> None:
         assert cluster.slurm is not None
@@ -292,8 +294,8 @@ class SlurmProvider:
 
     async def reconcile(self, workers: list[dict[str, Any]]) -> Seen:
         mine = [w for w in workers if w["provider_id"]
-                and w["status"] in ("provisioning", "idle", "busy", "stale")]
-        placeholders = [w for w in mine if w["status"] == "provisioning"]
+                and w["status"] in NOT_GONE]
+        placeholders = [w for w in mine if w["status"] == WorkerStatus.provisioning]
         if not mine:
             return Seen(pending=0)
         if time.monotonic() < self.next_look:  # between looks: our own rows are the truth
@@ -314,17 +316,17 @@ class SlurmProvider:
             state, why = states.get(job_id, ("", ""))
             if not state:
                 if now - (w["registered_at"] or 0) < LIST_GRACE:
-                    pending += w["status"] == "provisioning"
+                    pending += w["status"] == WorkerStatus.provisioning
                     continue
                 state = await self.forgotten(job_id, w["registered_at"] or now) or ""
                 why = "no longer known to SLURM" if state == "PURGED" else why
             if not state:  # cannot tell: not death
-                pending += w["status"] == "provisioning"
+                pending += w["status"] == WorkerStatus.provisioning
                 continue
             if state in ENDED or state == "PURGED":
                 await self._ended(w, state, why)
                 continue
-            if w["status"] != "provisioning":
+            if w["status"] != WorkerStatus.provisioning:
                 continue
             note = state if not why or why == "None" else f"{state} ({why})"
             if state == "RUNNING":
@@ -350,7 +352,7 @@ class SlurmProvider:
         what = f"SLURM job {job_id} {'was purged' if state == 'PURGED' else 'ended ' + state}"
         if why and why != "None" and state != "PURGED":
             what += f" ({why})"
-        if w["status"] == "provisioning":
+        if w["status"] == WorkerStatus.provisioning:
             log.info("cluster %s: %s before its worker registered", self.cluster.name, what)
             await self.service.drop_placeholder(w["id"], f"{what} before its worker registered")
         else:

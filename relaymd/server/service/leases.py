@@ -60,7 +60,7 @@ class LeaseOps(ServiceBase):
         elif not (holds and job["status"] == JobStatus.running):
             await self._check_holder(worker_id, job_id)
             raise TransitionConflict(
-                job_id, job["status"], "running", job["attempt"],
+                job_id, job["status"], JobStatus.running, job["attempt"],
                 f"job {job_id[:8]}: attempt {attempt} of worker {worker_id[:8]} no longer holds "
                 f"it (job is {job['status']}, attempt {job['attempt']}); stop working on it")
         if progress is not None:
