@@ -16,7 +16,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel
 
-from relaymd.config import Settings
+from relaymd.config import ReachSettings
 from relaymd.models import (
     Assignment,
     BundleUploaded,
@@ -48,7 +48,7 @@ class ApiError(Exception):
         return self.message
 
 
-def discover_url(settings: Settings) -> str:
+def discover_url(settings: ReachSettings) -> str:
     """--url / RELAYMD_URL, else what the orchestrator of this home wrote, else host:port."""
     if settings.url:
         return settings.url.rstrip("/")
@@ -62,10 +62,11 @@ def discover_url(settings: Settings) -> str:
     return f"http://{host}:{settings.port}"
 
 
-def discover_token(settings: Settings, kind: str = "operator") -> str | None:
+def discover_token(settings: ReachSettings, kind: str = "operator") -> str | None:
     """The configured token (RELAYMD_TOKEN for operators, RELAYMD_WORKER_TOKEN for workers),
     else the token file of this home (same machine)."""
-    configured = settings.worker_token if kind == "worker" else settings.token
+    # A worker's settings hold only the bootstrap token; the operator's token is the CLI's.
+    configured = getattr(settings, "worker_token" if kind == "worker" else "token", None)
     if configured is not None:
         return configured.get_secret_value()
     env = os.environ.get(f"RELAYMD_{kind.upper()}_TOKEN")

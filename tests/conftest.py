@@ -17,7 +17,7 @@ import pytest
 os.environ.pop("NO_COLOR", None)  # changes Textual snapshots
 
 from relaymd.client import Client  # noqa: E402
-from relaymd.config import Settings  # noqa: E402
+from relaymd.config import OrchestratorSettings  # noqa: E402
 from relaymd.models import JobCreate, WorkerRegister  # noqa: E402
 from relaymd.server.orchestrator import Orchestrator  # noqa: E402
 from relaymd.storage.bundle import pack_directory  # noqa: E402
@@ -60,7 +60,7 @@ class FakeClock:
 
 
 class RunningOrchestrator:
-    def __init__(self, settings: Settings, clock: Callable[[], float] | None = None) -> None:
+    def __init__(self, settings: OrchestratorSettings, clock: Callable[[], float] | None = None) -> None:
         self.settings = settings
         self.orch = Orchestrator(settings, clock) if clock else Orchestrator(settings)
         self.loop = asyncio.new_event_loop()
@@ -137,13 +137,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def make_settings(home: Path, **kw: Any) -> Settings:
+def make_settings(home: Path, **kw: Any) -> OrchestratorSettings:
     kw.setdefault("local_workers", 0)  # tests start the workers they want themselves
-    return Settings(home=home, host="127.0.0.1", port=0, reap_interval=3600, **kw)
+    return OrchestratorSettings(home=home, host="127.0.0.1", port=0, reap_interval=3600, **kw)
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def settings(tmp_path: Path) -> OrchestratorSettings:
     return make_settings(tmp_path / "home")
 
 
@@ -153,7 +153,7 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def server(settings: Settings, clock: FakeClock) -> Iterator[RunningOrchestrator]:
+def server(settings: OrchestratorSettings, clock: FakeClock) -> Iterator[RunningOrchestrator]:
     running = RunningOrchestrator(settings, clock).start()
     yield running
     running.stop()
@@ -206,8 +206,8 @@ def s3_server(request: pytest.FixtureRequest) -> Any:
     return request.getfixturevalue(f"{request.param}_server")
 
 
-def s3_settings(server: Any, home: Path, **kw: Any) -> Settings:
-    """Settings whose storage is a fresh bucket on `server`."""
+def s3_settings(server: Any, home: Path, **kw: Any) -> OrchestratorSettings:
+    """OrchestratorSettings whose storage is a fresh bucket on `server`."""
     return make_settings(home, storage_url=f"s3://{server.new_bucket()}/relaymd",
                          s3_endpoint_url=server.url, s3_access_key_id=server.key,
                          s3_secret_access_key=server.secret, **kw)

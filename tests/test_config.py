@@ -1,4 +1,4 @@
-"""Settings loading (defaults < file < environment < flags) and the operator/worker token file."""
+"""OrchestratorSettings loading (defaults < file < environment < flags) and the operator/worker token file."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from relaymd.config import ConfigError, Settings, load_settings
+from relaymd.config import ConfigError, OrchestratorSettings, load_settings
 from relaymd.server.auth import TokenFileError, load_or_create_tokens
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -66,7 +66,7 @@ def test_readme_configuration_block_lists_the_real_defaults(user_home: Path) -> 
     documented = yaml.safe_load(block.group(1))
     defaults = load_settings(None, None, {})
     for key, value in documented.items():
-        assert key in Settings.model_fields, f"README documents unknown setting {key!r}"
+        assert key in OrchestratorSettings.model_fields, f"README documents unknown setting {key!r}"
         actual = getattr(defaults, key)
         if key == "home":
             value = Path(value).expanduser()
@@ -209,8 +209,8 @@ def test_several_config_errors_still_make_one_line(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- token file
 
 
-def make_settings(tmp_path: Path, **kw: Any) -> Settings:
-    return Settings(home=tmp_path / "orch", **kw)
+def make_settings(tmp_path: Path, **kw: Any) -> OrchestratorSettings:
+    return OrchestratorSettings(home=tmp_path / "orch", **kw)
 
 
 def test_tokens_file_is_created_0600_and_stable(tmp_path: Path) -> None:
@@ -356,18 +356,26 @@ def test_the_orchestrator_log_never_shows_a_configured_secret(tmp_path: Path) ->
 
 
 def test_the_example_config_documents_every_setting_with_its_default(tmp_path: Path) -> None:
-    from relaymd.config import ClusterConfig, SaladSettings, SlurmSettings
+    from relaymd.config import (
+        ClusterConfig,
+        OrchestratorSettings,
+        SaladSettings,
+        SlurmSettings,
+        WorkerSettings,
+    )
 
     path = Path(__file__).resolve().parent.parent / "deploy" / "config.example.yaml"
     example = yaml.safe_load(path.read_text())
-    fields = set(Settings.model_fields)
+    fields = set(OrchestratorSettings.model_fields) | set(WorkerSettings.model_fields)
     assert set(example) == fields, \
         f"missing: {fields - set(example)}, unknown: {set(example) - fields}"
-    defaults = Settings(home=Path("~/.local/share/relaymd")).model_dump(mode="json")
-    for name, value in example.items():
-        if name in ("home", "clusters"):
-            continue
-        assert value == defaults[name], f"{name}: example says {value!r}, default is {defaults[name]!r}"
+    for role in (OrchestratorSettings, WorkerSettings):
+        defaults = role(home=Path("~/.local/share/relaymd")).model_dump(mode="json")
+        for name, value in example.items():
+            if name in ("home", "clusters") or name not in defaults:
+                continue
+            assert value == defaults[name], \
+                f"{role.__name__}.{name}: example says {value!r}, default is {defaults[name]!r}"
     slurm, salad = example["clusters"]
     for section, model in ((slurm, ClusterConfig), (salad, ClusterConfig),
                            (slurm["slurm"], SlurmSettings), (salad["salad"], SaladSettings)):
@@ -380,3 +388,60 @@ def test_the_example_config_documents_every_setting_with_its_default(tmp_path: P
     copy = config_file(tmp_path, path.read_text())
     settings = load_settings(copy, environ={})
     assert [c.name for c in settings.clusters] == ["bigiron", "salad"]
+
+
+# ---------------------------------------------------------------- settings by role
+
+SHARED = """\
+port: 9001
+operator_token: op-file-token-123456
+clusters:
+  - name: bigiron
+    provider: slurm
+worker_idle: poll_then_exit
+handoff_margin: 120
+storage_url: file:///srv/relaymd
+"""
+
+
+def test_a_worker_reads_a_shared_config_file_without_the_orchestrators_settings(
+        tmp_path: Path) -> None:
+    from relaymd.config import OrchestratorSettings, WorkerSettings
+    path = config_file(tmp_path, SHARED)
+    env = {"RELAYMD_OPERATOR_TOKEN": "op-env-token-7890", "RELAYMD_SALAD_API_KEY": "salad-k-1234",
+           "RELAYMD_MIN_SEGMENT": "60"}
+    worker = load_settings(path, None, env, role=WorkerSettings)
+    assert type(worker) is WorkerSettings
+    assert (worker.worker_idle, worker.handoff_margin, worker.min_segment, worker.storage) == \
+        ("poll_then_exit", 120, 60, "file:///srv/relaymd")
+    for name in ("operator_token", "clusters", "salad_api_key", "database", "token"):
+        assert not hasattr(worker, name), f"a worker holds the orchestrator's {name}"
+    held = worker.secret_values()
+    assert not {"op-file-token-123456", "op-env-token-7890", "salad-k-1234"} & set(held), held
+
+    orch = load_settings(path, None, env)
+    assert type(orch) is OrchestratorSettings
+    assert orch.port == 9001 and [c.name for c in orch.clusters] == ["bigiron"]
+    assert orch.operator_token is not None and \
+        orch.operator_token.get_secret_value() == "op-env-token-7890"
+    assert not hasattr(orch, "handoff_margin"), "the orchestrator holds a worker-only setting"
+
+
+def test_a_key_no_role_knows_is_refused_by_either(tmp_path: Path) -> None:
+    from relaymd.config import WorkerSettings
+    path = config_file(tmp_path, SHARED + "hand_off_margin: 5\n")
+    for role in ("orchestrator", "worker"):
+        with pytest.raises(ConfigError, match="hand_off_margin: unknown setting"):
+            if role == "worker":
+                load_settings(path, None, {}, role=WorkerSettings)
+            else:
+                load_settings(path, None, {})
+
+
+def test_a_bad_value_for_the_other_role_does_not_stop_this_one(tmp_path: Path) -> None:
+    """A worker does not validate the orchestrator's keys (nor the other way round): a typo in
+    a cluster does not keep the workers of a shared login-node config from starting."""
+    from relaymd.config import WorkerSettings
+    path = config_file(tmp_path, "clusters: [{name: x, provider: nonsense}]\nhandoff_margin: 7\n")
+    assert load_settings(path, None, {}, role=WorkerSettings).handoff_margin == 7
+    assert "clusters.0.provider" in config_error(path)

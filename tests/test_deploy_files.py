@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-from relaymd.config import Settings, load_settings
+from relaymd.config import OrchestratorSettings, WorkerSettings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -50,6 +50,8 @@ DOCKERFILES = {
 ENV_FILES = [WORKER_DOCKERFILE, ORCHESTRATOR_DOCKERFILE, APPTAINER_DEF, SALAD_GROUP, SYSTEMD_UNIT]
 # RELAYMD_* variables that are read outside Settings on purpose (kept short and honest: a test
 # below fails if one of them becomes a setting, so that it leaves this list).
+# Every setting either role reads (a variable may be the orchestrator's or the worker's).
+SETTINGS = set(OrchestratorSettings.model_fields) | set(WorkerSettings.model_fields)
 NOT_SETTINGS = {
     "RELAYMD_CONFIG",  # which config file to read (load_settings), not a setting in it
     "RELAYMD_TMUX_SESSION",  # deploy/hpc/relaymd-console.sh only
@@ -258,7 +260,7 @@ def test_orchestrator_dockerfile_serves_from_a_data_volume_without_openmm() -> N
     assert env["RELAYMD_LOCAL_WORKERS"] == "0"
     volumes = [i.args for i in instructions if i.keyword == "VOLUME"]
     assert volumes in (["/data"], ['["/data"]'])
-    port = Settings.model_fields["port"].default
+    port = OrchestratorSettings.model_fields["port"].default
     assert [i.args for i in instructions if i.keyword == "EXPOSE"] == [str(port)]
     assert healthcheck_code()  # parses
 
@@ -321,7 +323,7 @@ def test_dockerignore_keeps_local_state_out_and_what_the_images_copy_in() -> Non
 
     for path in (".venv", ".git", "tests", "relaymd.db", "relaymd/__pycache__/cli.cpython-311.pyc"):
         assert ignored(path), f"{path} should stay out of the build context"
-    needed = ["pyproject.toml", "README.md", "requirements.lock", "relaymd/cli.py",
+    needed = ["pyproject.toml", "README.md", "requirements.lock", "relaymd/cli/__init__.py",
               "relaymd/server/provisioning/job.sbatch", "relaymd/engines/openmm/__init__.py"]
     for path in needed:
         assert (ROOT / path).exists(), path
@@ -395,7 +397,7 @@ def env_names(path: Path) -> set[str]:
 
 def test_the_not_settings_list_holds_only_variables_that_are_not_settings() -> None:
     for name in NOT_SETTINGS:
-        assert name[len("RELAYMD_"):].lower() not in Settings.model_fields, (
+        assert name[len("RELAYMD_"):].lower() not in SETTINGS, (
             f"{name} is a setting now; drop it from NOT_SETTINGS")
 
 
@@ -404,7 +406,7 @@ def test_every_relaymd_variable_named_is_a_real_setting(path: Path) -> None:
     names = env_names(path)
     assert names, f"{path.name} names no RELAYMD_* variable"
     unknown = sorted(n for n in names - NOT_SETTINGS - IN_TRANSITION
-                     if n[len("RELAYMD_"):].lower() not in Settings.model_fields)
+                     if n[len("RELAYMD_"):].lower() not in SETTINGS)
     assert not unknown, f"{path.name}: not settings (typo?): {unknown}"
 
 
@@ -430,13 +432,19 @@ def assigned_env(path: Path, home: Path) -> dict[str, str]:
 @pytest.mark.parametrize("path", [WORKER_DOCKERFILE, ORCHESTRATOR_DOCKERFILE, SALAD_GROUP,
                                   SYSTEMD_UNIT], ids=lambda p: p.name)
 def test_the_values_the_files_set_are_valid_settings(path: Path, tmp_path: Path) -> None:
+    """Each file sets only what its role reads (a worker's file no orchestrator setting), and
+    every value it sets loads as that role's setting."""
     env = assigned_env(path, tmp_path)
     assert env
+    role = WorkerSettings if path in (WORKER_DOCKERFILE, SALAD_GROUP) else OrchestratorSettings
+    fields = {name[len("RELAYMD_"):].lower() for name in env} - {"config"}
+    assert fields <= set(role.model_fields), \
+        f"{path.name} sets what a {role.__name__} never reads: {fields - set(role.model_fields)}"
     settings = load_settings(environ={**env, "XDG_CONFIG_HOME": str(tmp_path / "no-config"),
-                                      "HOME": str(tmp_path)})
+                                      "HOME": str(tmp_path)}, role=role)
     for name, value in env.items():
         field = name[len("RELAYMD_"):].lower()
-        if field in Settings.model_fields and not SECRET_NAME.search(name):
+        if field in role.model_fields and not SECRET_NAME.search(name):
             assert str(getattr(settings, field)) == value, name
 
 
@@ -454,7 +462,7 @@ def test_config_examples_in_the_deploy_docs_are_valid_settings(doc: Path, tmp_pa
     blocks = config_blocks(doc)
     assert blocks, f"{doc} has no clusters: example"
     for data in blocks:
-        Settings.model_validate({"home": tmp_path, **data})
+        OrchestratorSettings.model_validate({"home": tmp_path, **data})
 
 
 # --------------------------------------------------------------------------- Apptainer
@@ -615,7 +623,6 @@ def test_salad_body_matches_the_create_container_group_schema() -> None:
 def test_salad_environment_configures_salad_workers_with_placeholder_secrets_only() -> None:
     body = json.loads(SALAD_GROUP.read_text())
     env = body["container"]["environment_variables"]
-    from relaymd.config import WorkerSettings
     known = {"RELAYMD_" + name.upper() for name in WorkerSettings.model_fields}
     assert {n for n in env if n.startswith("RELAYMD_")} <= known, "a variable the worker ignores"
     assert env["RELAYMD_CLUSTER"] == "salad"
@@ -831,7 +838,7 @@ def test_systemd_unit_runs_relaymd_serve_and_stops_it_gently() -> None:
     assert unit_values("Service", "KillSignal") == ["SIGTERM"]
     stop = unit_values("Service", "TimeoutStopSec")
     assert stop == ["120"]
-    assert int(stop[0]) > Settings.model_fields["shutdown_wait"].default, (
+    assert int(stop[0]) > WorkerSettings.model_fields["shutdown_wait"].default, (
         "systemd must wait longer than a worker's shutdown_wait before SIGKILL")
     assert "RELAYMD_HOME=%h/.local/share/relaymd" in unit_values("Service", "Environment")
     assert unit_values("Install", "WantedBy") == ["default.target"]

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
-from relaymd.config import Settings
+from relaymd.config import OrchestratorSettings
 from relaymd.server.api import Api
 from relaymd.server.metrics import Metrics
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_api_reference_lists_every_route_and_no_other() -> None:
     routes = set()
-    service = SimpleNamespace(settings=Settings())  # routes() reads only its settings
+    service = SimpleNamespace(settings=OrchestratorSettings())  # routes() reads only its settings
     for route in Api(service, Metrics()).routes():  # type: ignore[arg-type]
         for method in route.methods or ():
             if method != "HEAD":

@@ -60,3 +60,23 @@ def test_stopping_the_orchestrator_hands_running_jobs_back_first(
         assert [e.kind for e in d.events][-1] == "release", [e.kind for e in d.events]
     finally:
         restarted.stop()
+
+
+def test_a_local_worker_is_not_given_the_orchestrators_own_secrets(
+        orch: RunningOrchestrator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker process inherits the orchestrator's environment, less every RELAYMD_* variable
+    that is not a worker setting: the operator token and the Salad key stay behind."""
+    secrets = {"RELAYMD_TOKEN": "op-cli-token-1234", "RELAYMD_OPERATOR_TOKEN": "op-token-5678",
+               "RELAYMD_SALAD_API_KEY": "salad-key-9012"}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("RELAYMD_WORKER_POLL_MAX", "7")  # a worker setting: passed on
+    worker = provider(orch).spawn()
+    try:
+        raw = Path(f"/proc/{worker.proc.pid}/environ").read_bytes()
+        env = dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+    finally:
+        worker.proc.kill()
+        worker.proc.wait()
+    assert not set(secrets) & set(env), f"leaked to the worker: {set(secrets) & set(env)}"
+    assert env.get("RELAYMD_WORKER_POLL_MAX") == "7" and env["RELAYMD_CLUSTER"] == "local", env

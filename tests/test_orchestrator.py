@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from relaymd.config import Settings
+from relaymd.config import OrchestratorSettings
 from relaymd.server.orchestrator import Orchestrator, OrchestratorError
 from relaymd.server.store import Store, WrongThread
 
@@ -59,7 +59,7 @@ async def test_a_database_of_the_previous_release_keeps_its_workers_compute_plat
 
 
 def test_second_orchestrator_on_same_database_is_refused(server: RunningOrchestrator) -> None:
-    other = Settings(home=server.settings.home, host="127.0.0.1", port=0)
+    other = OrchestratorSettings(home=server.settings.home, host="127.0.0.1", port=0)
     with pytest.raises(OrchestratorError, match="another orchestrator is running"):
         asyncio.run(Orchestrator(other).start())
     assert server.operator().health()["status"] == "ok"  # the first one is untouched
@@ -70,11 +70,11 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        settings = Settings(home=tmp_path / "h", host="127.0.0.1", port=port)
+        settings = OrchestratorSettings(home=tmp_path / "h", host="127.0.0.1", port=port)
         with pytest.raises(OrchestratorError, match=f"cannot listen on 127.0.0.1:{port}"):
             asyncio.run(Orchestrator(settings).start())
     # the failed start released its database lock: a new one starts fine
-    ok = RunningOrchestrator(Settings(home=tmp_path / "h", host="127.0.0.1", port=0)).start()
+    ok = RunningOrchestrator(OrchestratorSettings(home=tmp_path / "h", host="127.0.0.1", port=0)).start()
     ok.stop()
 
 

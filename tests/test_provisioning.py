@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from relaymd.config import ClusterConfig, ConfigError, Settings, load_settings
+from relaymd.config import ClusterConfig, ConfigError, OrchestratorSettings, load_settings
 from relaymd.server.provisioning.base import ProviderError, Seen
 from relaymd.server.provisioning.provisioner import Provisioner
 from relaymd.server.provisioning.slurm import (
@@ -119,7 +119,7 @@ class StillProvider:
 def provisioner(configs: list[ClusterConfig], pending: dict[str, int] | None = None
                 ) -> Provisioner:
     providers = {c.name: StillProvider(c, (pending or {}).get(c.name, 0)) for c in configs}
-    p = Provisioner(Settings(home=Path("/nonexistent")), None, configs, providers)  # type: ignore[arg-type]
+    p = Provisioner(OrchestratorSettings(home=Path("/nonexistent")), None, configs, providers)  # type: ignore[arg-type]
     for name, state in p.clusters.items():
         state.seen = Seen(pending=(pending or {}).get(name, 0))
     return p

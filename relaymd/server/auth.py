@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from relaymd.config import Settings
+from relaymd.config import LOCAL_CLUSTER, OrchestratorSettings
 from relaymd.fsutil import private_dir
 
 Scope = Literal["operator", "bootstrap", "worker"]
@@ -28,11 +28,6 @@ Scope = Literal["operator", "bootstrap", "worker"]
 
 class TokenFileError(Exception):
     pass
-
-
-def local_cluster_name(settings: Settings) -> str:
-    """The cluster the "worker" token stands for: this machine's own workers."""
-    return settings.cluster or "local"
 
 
 @dataclass
@@ -106,7 +101,7 @@ def write_tokens_file(path: Path, tokens: Tokens) -> None:
     os.replace(tmp, path)
 
 
-def load_or_create_tokens(settings: Settings, clusters: list[str] | None = None) -> Tokens:
+def load_or_create_tokens(settings: OrchestratorSettings, clusters: list[str] | None = None) -> Tokens:
     """Tokens from settings (config/env) win; otherwise the 0600 file, created on first start.
     Every cluster in `clusters` (default: the configured ones) gets a bootstrap token of its
     own; tokens of clusters no longer configured are kept (a cluster commented out for a day
@@ -115,7 +110,7 @@ def load_or_create_tokens(settings: Settings, clusters: list[str] | None = None)
     stored = read_tokens_file(path)
     operator = settings.operator_token.get_secret_value() if settings.operator_token else None
     worker = settings.worker_token.get_secret_value() if settings.worker_token else None
-    local = local_cluster_name(settings)
+    local = LOCAL_CLUSTER  # the cluster the `worker` token stands for: this machine's
     names = [c.name for c in settings.clusters] if clusters is None else clusters
     have = dict(stored.get("clusters", {}))
     wanted = {n: have.get(n) or new_token() for n in names if n != local}

@@ -9,12 +9,12 @@ import logging
 import signal
 from typing import Any
 
-from relaymd.config import Settings
+from relaymd.config import OrchestratorSettings
 
 log = logging.getLogger("relaymd.console")
 
 
-async def run_console(settings: Settings, demo: bool = False) -> None:
+async def run_console(settings: OrchestratorSettings, demo: bool = False) -> None:
     from relaymd.server.orchestrator import Orchestrator
     from relaymd.tui.app import PanelHandler, RelayApp
     from relaymd.tui.source import ServiceSource
@@ -46,7 +46,7 @@ async def run_console(settings: Settings, demo: bool = False) -> None:
         await orch.stop()
 
 
-async def _demo(settings: Settings, url: str) -> None:
+async def _demo(settings: OrchestratorSettings, url: str) -> None:
     from relaymd.demo import submit_demo
 
     try:

@@ -18,12 +18,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from relaymd.config import ClusterConfig, Settings
+from relaymd.config import ENV_PREFIX, LOCAL_CLUSTER, ClusterConfig, OrchestratorSettings, WorkerSettings
+from relaymd.models import LIVE_WORKER_STATES
 from relaymd.server.provisioning.base import Seen
 from relaymd.server.service import Service
 
@@ -43,9 +44,16 @@ def local_gpus() -> int:
     return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
 
 
-def local_cluster(settings: Settings) -> ClusterConfig:
+def worker_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment less the orchestrator's own RELAYMD_* settings (the operator
+    token, the Salad key, ...): a worker is given only what a worker reads."""
+    return {k: v for k, v in environ.items() if not k.startswith(ENV_PREFIX) or k == "RELAYMD_CONFIG"
+            or k[len(ENV_PREFIX):].lower() in WorkerSettings.model_fields}
+
+
+def local_cluster(settings: OrchestratorSettings) -> ClusterConfig:
     """The cluster the embedded default provisions: this machine, `local_workers` at most."""
-    return ClusterConfig(name=settings.cluster if settings.cluster else "local",
+    return ClusterConfig(name=LOCAL_CLUSTER,
                          provider="local", strategy="reactive", max_pending=1,
                          max_workers=settings.local_workers)
 
@@ -59,7 +67,7 @@ class LocalWorker:
 
 
 class LocalProvider:
-    def __init__(self, settings: Settings, service: Service, url: str,
+    def __init__(self, settings: OrchestratorSettings, service: Service, url: str,
                  cluster: ClusterConfig | None = None,
                  token: Callable[[], str] | None = None) -> None:
         self.cluster = cluster or local_cluster(settings)
@@ -86,7 +94,7 @@ class LocalProvider:
 
     async def reconcile(self, workers: list[dict[str, Any]]) -> Seen:
         self.reap()
-        registered = sum(1 for w in workers if w["status"] in ("idle", "busy"))
+        registered = sum(1 for w in workers if w["status"] in LIVE_WORKER_STATES)
         pending = max(0, self.live - registered)
         return Seen(pending=pending, details={"processes": self.live, "gpus": self.gpus})
 
@@ -103,11 +111,9 @@ class LocalProvider:
         number = self.started_total
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"worker-{number}.log"
-        env = {**os.environ, **self.settings.storage_env(), "RELAYMD_HOME": str(self.settings.home),
-               "RELAYMD_URL": self.url, "RELAYMD_PLATFORM": "local",
-               "RELAYMD_CLUSTER": self.cluster.name,
-               "RELAYMD_WORKER_IDLE": "immediate_exit"}
-        env.pop("RELAYMD_TOKEN", None)  # the worker registers with the bootstrap token
+        env = {**worker_environment(os.environ), **self.settings.storage_env(),
+               "RELAYMD_HOME": str(self.settings.home), "RELAYMD_URL": self.url,
+               "RELAYMD_CLUSTER": self.cluster.name, "RELAYMD_WORKER_IDLE": "immediate_exit"}
         if self.token is not None:
             env["RELAYMD_WORKER_TOKEN"] = self.token()
         with open(log_path, "ab") as out:

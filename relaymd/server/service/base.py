@@ -14,7 +14,7 @@ import yaml
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
-from relaymd.config import ClusterConfig, Settings
+from relaymd.config import ClusterConfig, OrchestratorSettings
 from relaymd.models import LIVE_WORKER_STATES, BundleSpec, BundleUploaded
 from relaymd.server.auth import Authenticator
 from relaymd.server.errors import BadRequest, ConflictError, Forbidden, NotFound  # noqa: F401
@@ -66,7 +66,7 @@ def parse_bundle_spec(raw: bytes | None, where: str) -> BundleSpec:
 class ServiceBase:
     """State shared by the feature mixins; `Service` (service/__init__.py) combines them."""
 
-    def __init__(self, settings: Settings, store: Store, storage: Storage, auth: Authenticator,
+    def __init__(self, settings: OrchestratorSettings, store: Store, storage: Storage, auth: Authenticator,
                  clock: Callable[[], float] = time.time,
                  clusters: list[ClusterConfig] | None = None) -> None:
         self.settings = settings
@@ -87,7 +87,6 @@ class ServiceBase:
         self._gc_tasks: dict[str, asyncio.Task[None]] = {}  # job id -> its running prune
         self._gc_again: set[str] = set()
         self.started_at = clock()
-        self.provisioner: Any = None  # set by the orchestrator: `relaymd clusters` asks it
         # The clusters workers may come from (configured, plus this machine's own).
         self.cluster_configs = {c.name: c for c in (settings.clusters if clusters is None else clusters)}
         self._priorities = {c.name: c.priority or 0 for c in self.cluster_configs.values()}
