@@ -987,7 +987,7 @@ def test_after_the_fuzzing_the_orchestrator_is_healthy_and_its_state_consistent(
     text = world.http.get(world.url + "/metrics", headers=operator).text
     for status in JobStatus:
         n = sum(j.status == status for j in jobs)
-        assert f'relaymd_jobs{{state="{status}"}} {n}\n' in text, (status, n)
+        assert f'relaymd_jobs{{state="{status}"}} {float(n)}\n' in text, (status, n)
     errors = re.findall(r'relaymd_http_requests_total\{route="(\w+)",status="(5\d\d)"\} (\d+)', text)
     assert errors == [], errors
 

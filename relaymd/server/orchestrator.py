@@ -24,7 +24,7 @@ from typing import Any
 import uvicorn
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from relaymd.config import ClusterConfig, Settings
+from relaymd.config import ClusterConfig, OrchestratorSettings
 from relaymd.fsutil import private_dir, private_path
 from relaymd.secrets import redact_logs
 from relaymd.server.api import create_app
@@ -96,7 +96,7 @@ def filesystem_type(path: Path) -> str | None:
 
 
 class Orchestrator:
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, settings: OrchestratorSettings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.clock = clock
         self.store = Store(settings.database_path)
@@ -187,7 +187,7 @@ class Orchestrator:
                                    Authenticator(tokens, active=set(names)), self.clock,
                                    clusters=clusters)
             await self.service.load()
-            app = create_app(self.service, self.metrics)
+            app = create_app(self.service, self.metrics, lambda: self.provisioner)
             config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
                                     timeout_graceful_shutdown=5, server_header=False,
                                     proxy_headers=False, date_header=False)
@@ -203,7 +203,6 @@ class Orchestrator:
                                    replace_existing=True)
             self.provisioner = self._provisioner(clusters, tokens)
             await self.provisioner.load()
-            self.service.provisioner = self.provisioner
             self.scheduler.add_job(self.provisioner.cycle, "interval",
                                    seconds=settings.provision_interval, id="provision",
                                    coalesce=True, max_instances=1, replace_existing=True)
@@ -284,7 +283,7 @@ class Orchestrator:
         log.info("orchestrator stopped")
 
 
-async def serve_until_signalled(settings: Settings, demo: bool = False) -> None:
+async def serve_until_signalled(settings: OrchestratorSettings, demo: bool = False) -> None:
     """`relaymd serve`: run until SIGINT/SIGTERM, then stop gracefully. With `demo`, queue the
     example OpenMM job when no work is queued or running."""
     import signal

@@ -1,46 +1,45 @@
 """HTTP API (Starlette, JSON, under /api/v1): parse, authorise, call the service, serialise.
 
-Every route is wrapped by `endpoint()`, which checks the bearer token's scope, enforces the body
-size limit, maps domain errors to typed JSON errors and records request metrics.
+A request passes, outermost first: the heartbeat fast path (fastpath.py: most heartbeats are
+answered there), `RequestMetrics` (middleware.py: count and latency per route name and status),
+Starlette's ServerErrorMiddleware (unexpected exceptions -> 500 `internal_error`), `Authenticate`
+(middleware.py: the bearer token's principal into the ASGI scope), Starlette's
+ExceptionMiddleware (domain errors -> typed JSON, exception_handlers.py), the router and the
+route (`ApiRoute`, base.py: the token scope it needs, checked once found), then its handler.
 """
 
 from __future__ import annotations
 
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
+from collections.abc import Callable
 
-from relaymd.server.api.base import HTTPError, error, ok, to_response
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+
+from relaymd.server.api.base import ApiRoute, ClusterControl, HTTPError, error, ok
+from relaymd.server.api.exception_handlers import EXCEPTION_HANDLERS
 from relaymd.server.api.fastpath import HeartbeatFastPath
+from relaymd.server.api.middleware import Authenticate, RequestMetrics
 from relaymd.server.api.operator import OperatorRoutes
 from relaymd.server.api.workers import WorkerRoutes
 from relaymd.server.metrics import Metrics
 from relaymd.server.service import Service
 
-__all__ = ["Api", "HTTPError", "HeartbeatFastPath", "create_app", "error", "ok", "to_response"]
+__all__ = ["Api", "HTTPError", "HeartbeatFastPath", "create_app", "error", "ok"]
 
 
 class Api(OperatorRoutes, WorkerRoutes):
     """The whole API: the operator's routes and the workers'."""
 
-    def routes(self) -> list[Route]:
+    def routes(self) -> list[ApiRoute]:
         return [*OperatorRoutes.routes(self), *WorkerRoutes.routes(self)]
 
 
-def create_app(service: Service, metrics: Metrics) -> HeartbeatFastPath:
-    api = Api(service, metrics)
-
-    async def not_found(request: Request, exc: Exception) -> Response:
-        path = request.url.path
-        hint = " (without the trailing slash)" if path.endswith("/") and path != "/" else ""
-        return error(404, "not_found", f"no route {request.method} {path}{hint}")
-
-    async def bad_method(request: Request, exc: Exception) -> Response:
-        return error(405, "method_not_allowed", f"{request.method} not allowed here")
-
-    app = Starlette(routes=api.routes(), exception_handlers={404: not_found, 405: bad_method})
+def create_app(service: Service, metrics: Metrics,
+               clusters: Callable[[], ClusterControl | None] = lambda: None) -> HeartbeatFastPath:
+    api = Api(service, metrics, clusters)
+    app = Starlette(routes=api.routes(), exception_handlers=EXCEPTION_HANDLERS,
+                    middleware=[Middleware(Authenticate, auth=service.auth)])
     # No 307 to the slash-less path (an empty, non-JSON body that clients and the fuzzer had to
     # special-case): a trailing slash is an unknown route, answered like any other.
     app.router.redirect_slashes = False
-    return HeartbeatFastPath(api, app)
+    return HeartbeatFastPath(api, RequestMetrics(app, metrics))

@@ -1,31 +1,32 @@
-"""The API's plumbing: typed errors, JSON answers, the endpoint wrapper (scope check,
-body limit, error mapping, metrics) and body parsing."""
+"""The API's plumbing: typed errors, JSON answers, the route class (each route's method, path,
+metrics name and the token scope it needs, checked after routing) and body parsing.
+
+Who the caller is comes from the `Authenticate` middleware (middleware.py), which puts the
+bearer token's `Principal` (or None) in the ASGI scope under "user"; errors become JSON answers
+by the app's exception handlers (exception_handlers.py); request metrics are recorded by the
+`RequestMetrics` middleware, under the route's name.
+"""
 
 from __future__ import annotations
 
 import json
-import logging
-import sqlite3
-import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Send
+from starlette.types import Scope as ASGIScope
 
-from relaymd.models import Conflict
+from relaymd.models import ClusterInfo
 from relaymd.server.auth import Principal, Scope
-from relaymd.server.errors import BadRequest, TransitionConflict
 from relaymd.server.metrics import Metrics
 from relaymd.server.service import Service
-from relaymd.storage import StorageError
 
-log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
-Handler = Callable[[Request, Principal | None], Awaitable[Response]]
 JOB_ID = r"^[0-9a-f]{32}$"
-DISK_ERRORS = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR}  # primary result codes
 
 
 def _has_lone_surrogate(value: Any) -> bool:
@@ -47,19 +48,31 @@ def _has_lone_surrogate(value: Any) -> bool:
     return False
 
 
-class HTTPError(Exception):
-    """A request-level refusal (bad body, bad query, too large) with its HTTP status."""
+class ClusterControl(Protocol):
+    """What the cluster routes ask of the provisioning loop (which the orchestrator owns: the
+    service does not know it, so the two do not depend on each other)."""
 
-    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+    async def overview(self) -> list[ClusterInfo]: ...
+
+    async def switch(self, name: str, enabled: bool) -> ClusterInfo: ...
+
+
+class HTTPError(Exception):
+    """A request-level refusal (bad body, bad query, too large, bad token) with its HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str, details: Any = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.details = status, code, message, details
+        self.headers = headers
 
 
-def error(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
+def error(status: int, code: str, message: str, details: Any = None,
+          headers: dict[str, str] | None = None) -> JSONResponse:
     body: dict[str, Any] = {"error": code, "message": message}
     if details is not None:
         body["details"] = details
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def ok(model: BaseModel | list[BaseModel], status: int = 200) -> Response:
@@ -70,91 +83,60 @@ def ok(model: BaseModel | list[BaseModel], status: int = 200) -> Response:
     return Response(body, status_code=status, media_type="application/json")
 
 
+class ApiRoute(Route):
+    """One route: its method and path, its name (the `route` label of the request metrics) and
+    the token scope it needs (None: anyone). The scope is checked here, once routing has found
+    the route, so an unknown path stays a 404 and a wrong method a 405 whatever the token; a
+    refusal is an HTTPError, answered by its exception handler."""
 
-def _conflict(exc: TransitionConflict) -> Response:
-    body = Conflict.model_validate({"job_id": exc.job_id, "from": exc.current, "to": exc.to,
-                                    "attempt": exc.attempt, "message": exc.message})
-    return ok(body, 409)
+    def __init__(self, method: str, path: str, name: str, needs: Scope | None,
+                 endpoint: Any) -> None:
+        super().__init__(path, endpoint, methods=[method], name=name)
+        self.needs = needs
 
+    async def handle(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
+        if self.needs is not None and scope["method"] in self.methods:
+            self.authorise(scope)
+        await super().handle(scope, receive, send)
 
-def _database(exc: sqlite3.OperationalError) -> Response | None:
-    if exc.sqlite_errorcode & 0xFF not in DISK_ERRORS:
-        return None
-    # The orchestrator's own disk is full (or failing): the write was rolled back whole and
-    # nothing was recorded; reads keep working, and writes again once there is room.
-    log.error("database write refused: %s (is the disk holding the database full?)", exc)
-    return error(503, "database_unavailable", f"the orchestrator could not write its "
-                 f"database ({exc}); nothing was recorded: free space on its disk and retry")
-
-
-# Domain errors -> typed JSON answers, most specific first (a responder may decline: None).
-ERROR_RESPONDERS: list[tuple[type[Exception], Callable[[Any], Response | None]]] = [
-    (HTTPError, lambda e: error(e.status, e.code, e.message, e.details)),
-    (TransitionConflict, _conflict),  # before BadRequest: a typed body of its own
-    (BadRequest, lambda e: error(e.status, e.code, str(e))),  # every domain error
-    (StorageError, lambda e: error(503, "storage_unavailable", f"object storage failed: {e}")),
-    (sqlite3.OperationalError, _database),
-]
-
-
-def to_response(exc: Exception) -> Response:
-    """The typed JSON answer to a domain error; anything else is re-raised (a 500)."""
-    for kind, respond in ERROR_RESPONDERS:
-        if isinstance(exc, kind):
-            response = respond(exc)
-            if response is not None:
-                return response
-    raise exc
+    def authorise(self, scope: ASGIScope) -> None:
+        principal: Principal | None = scope.get("user")
+        if principal is None:
+            raise HTTPError(401, "unauthorized", "missing or invalid bearer token",
+                            headers={"WWW-Authenticate": "Bearer"})
+        if principal.scope != self.needs:
+            raise HTTPError(403, "forbidden", f"a {principal.scope} token cannot use this route "
+                            f"(needs {self.needs})")
+        wid = scope["path_params"].get("worker_id")
+        if wid is not None and wid != principal.worker_id:
+            raise HTTPError(403, "forbidden", "a worker may act only as itself")
 
 
 class ApiBase:
-    """Every route's wrapper (scope, metrics, errors) and the request parsing they share."""
+    """What every group of routes shares: the service, the metrics and request parsing."""
 
-    def __init__(self, service: Service, metrics: Metrics) -> None:
+    def __init__(self, service: Service, metrics: Metrics,
+                 clusters: Callable[[], ClusterControl | None] = lambda: None) -> None:
         self.service = service
         self.metrics = metrics
+        self.clusters = clusters  # the provisioning loop, once (and while) it runs
         self.max_body = service.settings.max_body_bytes
         self.max_bundle = service.settings.max_bundle_bytes
 
-    def endpoint(self, name: str, scope: Scope | None, handler: Handler) -> Callable[
-            [Request], Awaitable[Response]]:
-        async def run(request: Request) -> Response:
-            started = time.perf_counter()
-            status = 500
-            try:
-                response = await self._dispatch(request, scope, handler)
-                status = response.status_code
-                return response
-            except ClientDisconnect:  # the caller hung up mid-body: nobody to answer, no fault
-                status = 499
-                return error(400, "client_disconnected", "the client hung up mid-request")
-            except Exception:
-                log.exception("%s %s failed", request.method, request.url.path)
-                return error(500, "internal_error", "internal error; see the orchestrator log")
-            finally:
-                self.metrics.observe(name, status, time.perf_counter() - started)
+    @staticmethod
+    def caller(request: Request) -> Principal:
+        """Who is calling, as the `Authenticate` middleware identified them. Only for routes that
+        need a token: `ApiRoute` has refused the request before its handler runs without one."""
+        principal: Principal | None = request.scope.get("user")
+        assert principal is not None
+        return principal
 
-        return run
-
-    async def _dispatch(self, request: Request, scope: Scope | None,
-                        handler: Handler) -> Response:
-        principal = None
-        if scope is not None:
-            principal = self.service.auth.identify(request.headers.get("authorization"))
-            if principal is None:
-                response = error(401, "unauthorized", "missing or invalid bearer token")
-                response.headers["WWW-Authenticate"] = "Bearer"
-                return response
-            if principal.scope != scope:
-                return error(403, "forbidden",
-                             f"a {principal.scope} token cannot use this route (needs {scope})")
-            wid = request.path_params.get("worker_id")
-            if wid is not None and wid != principal.worker_id:
-                return error(403, "forbidden", "a worker may act only as itself")
-        try:
-            return await handler(request, principal)
-        except Exception as exc:  # domain errors become typed JSON; anything else is a 500
-            return to_response(exc)
+    @classmethod
+    def worker_id(cls, request: Request) -> str:
+        """The calling worker (routes that need a worker token)."""
+        worker_id = cls.caller(request).worker_id
+        assert worker_id is not None
+        return worker_id
 
     # ------------------------------------------------------------------ parsing
 

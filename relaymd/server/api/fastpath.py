@@ -1,33 +1,32 @@
-"""The heartbeat fast path: the hot route served below Starlette."""
+"""The heartbeat fast path: the hot route served below Starlette, its middlewares included."""
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import ValidationError
-from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.types import ASGIApp
 
 from relaymd.models import Heartbeat
-from relaymd.server.api.base import error, to_response
-
-log = logging.getLogger(__name__)
+from relaymd.server.api.exception_handlers import answer
 
 
 class HeartbeatFastPath:
     """ASGI front for the hot route: a well-formed heartbeat with a valid session token skips
-    Starlette's middleware, router and Request/Response objects (about half its CPU cost), so one
-    core carries thousands of workers. Anything else, including every malformed or unauthorised
-    heartbeat, goes to the Starlette app with its body replayed, so error answers stay those of
+    the middlewares, Starlette's router and Request/Response objects (about half its CPU cost), so
+    one core carries thousands of workers; it records its own metrics, and answers the service's
+    exceptions as the app's exception handlers do. Anything else, including every malformed or
+    unauthorised heartbeat, goes to the app with its body replayed, so error answers stay those of
     the routed endpoint."""
 
     PREFIX = "/api/v1/workers/"
     SUFFIX = "/heartbeat"
     HEADERS = [(b"content-type", b"application/json")]
 
-    def __init__(self, api: Any, app: Starlette) -> None:
+    def __init__(self, api: Any, app: ASGIApp) -> None:
         self.api, self.app = api, app
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
@@ -57,11 +56,7 @@ class HeartbeatFastPath:
                 beat.progress.model_dump() if beat.progress is not None else None)
             status, payload = 200, reply.__pydantic_serializer__.to_json(reply)
         except Exception as exc:
-            try:
-                response = to_response(exc)
-            except Exception:
-                log.exception("POST %s failed", path)
-                response = error(500, "internal_error", "internal error; see the orchestrator log")
+            response = await answer(Request(scope), exc)
             status, payload = response.status_code, bytes(response.body)
         await send({"type": "http.response.start", "status": status, "headers": [
             *self.HEADERS, (b"content-length", str(len(payload)).encode())]})

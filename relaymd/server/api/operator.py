@@ -1,4 +1,5 @@
-"""Operator routes: jobs, workers, clusters, bootstrap tokens, health and metrics."""
+"""Operator routes: jobs, workers, clusters, bootstrap tokens, health and metrics; the route
+table says which token each needs."""
 
 from __future__ import annotations
 
@@ -7,26 +8,25 @@ import tempfile
 from pathlib import Path
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.responses import JSONResponse, Response
 
 from relaymd import __version__
-from relaymd.models import Health, JobCreate, JobStatus
-from relaymd.server.api.base import ApiBase, HTTPError, ok
-from relaymd.server.auth import Principal
+from relaymd.models import ClusterInfo, Health, JobCreate, JobStatus
+from relaymd.server.api.base import ApiBase, ApiRoute, HTTPError, ok
+from relaymd.server.errors import NotFound
+from relaymd.server.metrics import CONTENT_TYPE
 
 
 class OperatorRoutes(ApiBase):
-    async def health(self, request: Request, _: Principal | None) -> Response:
+    async def health(self, request: Request) -> Response:
         return ok(Health(version=__version__, uptime_s=self.service.clock()
                          - self.service.started_at))
 
-    async def metrics_text(self, request: Request, _: Principal | None) -> Response:
+    async def metrics_text(self, request: Request) -> Response:
         jobs, workers = await self.service.counts()
-        return PlainTextResponse(self.metrics.render(jobs, workers),
-                                 media_type="text/plain; version=0.0.4")
+        return Response(self.metrics.render(jobs, workers), media_type=CONTENT_TYPE)
 
-    async def upload_bundle(self, request: Request, _: Principal | None) -> Response:
+    async def upload_bundle(self, request: Request) -> Response:
         job_id = self.job_id(request)
         fd, name = tempfile.mkstemp(prefix="relaymd-upload-", suffix=".tar.gz")
         path = Path(name)
@@ -45,10 +45,10 @@ class OperatorRoutes(ApiBase):
         finally:
             path.unlink(missing_ok=True)  # noqa: ASYNC240 (a local temp file: microseconds)
 
-    async def create_job(self, request: Request, _: Principal | None) -> Response:
+    async def create_job(self, request: Request) -> Response:
         return ok(await self.service.create_job(await self.body(request, JobCreate)), 201)
 
-    async def list_jobs(self, request: Request, _: Principal | None) -> Response:
+    async def list_jobs(self, request: Request) -> Response:
         q = request.query_params
         statuses = [s for part in q.getlist("status") for s in part.split(",") if s]
         bad = [s for s in statuses if s not in JobStatus.__members__]
@@ -64,70 +64,69 @@ class OperatorRoutes(ApiBase):
         body = await self.service.list_jobs_json(statuses or None, limit, q.get("cursor"))
         return Response(body, media_type="application/json")
 
-    async def get_job(self, request: Request, _: Principal | None) -> Response:
+    async def get_job(self, request: Request) -> Response:
         return ok(await self.service.get_job(request.path_params["job_id"]))
 
-    async def purge(self, request: Request, _: Principal | None) -> Response:
+    async def purge(self, request: Request) -> Response:
         return JSONResponse(await self.service.purge(request.path_params["job_id"]))
 
-    async def cancel(self, request: Request, _: Principal | None) -> Response:
+    async def cancel(self, request: Request) -> Response:
         return ok(await self.service.cancel(request.path_params["job_id"]))
 
-    async def requeue(self, request: Request, _: Principal | None) -> Response:
+    async def requeue(self, request: Request) -> Response:
         return ok(await self.service.requeue(request.path_params["job_id"]))
 
-    async def list_workers(self, request: Request, _: Principal | None) -> Response:
+    async def list_workers(self, request: Request) -> Response:
         statuses = [s for s in request.query_params.get("status", "").split(",") if s]
         return ok(await self.service.list_workers(statuses or None))
 
-    async def list_clusters(self, request: Request, _: Principal | None) -> Response:
-        return ok(await self.service.clusters())
+    async def list_clusters(self, request: Request) -> Response:
+        clusters = self.clusters()
+        return ok(await clusters.overview() if clusters is not None else [])
 
-    async def enable_cluster(self, request: Request, _: Principal | None) -> Response:
-        return ok(await self.service.switch_cluster(request.path_params["name"], True))
+    async def enable_cluster(self, request: Request) -> Response:
+        return ok(await self._switch(request.path_params["name"], True))
 
-    async def disable_cluster(self, request: Request, _: Principal | None) -> Response:
-        return ok(await self.service.switch_cluster(request.path_params["name"], False))
+    async def disable_cluster(self, request: Request) -> Response:
+        return ok(await self._switch(request.path_params["name"], False))
 
-    async def list_tokens(self, request: Request, _: Principal | None) -> Response:
+    async def _switch(self, name: str, enabled: bool) -> ClusterInfo:
+        clusters = self.clusters()
+        if clusters is None:
+            raise NotFound(f"no cluster {name!r}: provisioning is not running")
+        return await clusters.switch(name, enabled)
+
+    async def list_tokens(self, request: Request) -> Response:
         return JSONResponse(self.service.tokens())
 
-    async def show_token(self, request: Request, _: Principal | None) -> Response:
+    async def show_token(self, request: Request) -> Response:
         return JSONResponse(self.service.token(request.path_params["name"]))
 
-    async def rotate_token(self, request: Request, _: Principal | None) -> Response:
+    async def rotate_token(self, request: Request) -> Response:
         return JSONResponse(await self.service.rotate_token(request.path_params["name"]))
 
-    def routes(self) -> list[Route]:
-        e = self.endpoint
+    def routes(self) -> list[ApiRoute]:
         v1 = "/api/v1"
-        return [
-            Route("/healthz", e("healthz", None, self.health), methods=["GET"]),
-            Route("/metrics", e("metrics", "operator", self.metrics_text), methods=["GET"]),
-            Route(f"{v1}/jobs", e("create_job", "operator", self.create_job), methods=["POST"]),
-            Route(f"{v1}/jobs", e("list_jobs", "operator", self.list_jobs), methods=["GET"]),
-            Route(f"{v1}/jobs/{{job_id}}", e("get_job", "operator", self.get_job),
-                  methods=["GET"]),
-            Route(f"{v1}/jobs/{{job_id}}", e("purge", "operator", self.purge),
-                  methods=["DELETE"]),
-            Route(f"{v1}/jobs/{{job_id}}/bundle", e("upload_bundle", "operator",
-                                                     self.upload_bundle), methods=["PUT"]),
-            Route(f"{v1}/jobs/{{job_id}}/cancel", e("cancel", "operator", self.cancel),
-                  methods=["POST"]),
-            Route(f"{v1}/jobs/{{job_id}}/requeue", e("requeue", "operator", self.requeue),
-                  methods=["POST"]),
-            Route(f"{v1}/workers", e("list_workers", "operator", self.list_workers),
-                  methods=["GET"]),
-            Route(f"{v1}/clusters", e("list_clusters", "operator", self.list_clusters),
-                  methods=["GET"]),
-            Route(f"{v1}/clusters/{{name}}/enable", e("enable_cluster", "operator",
-                                                       self.enable_cluster), methods=["POST"]),
-            Route(f"{v1}/clusters/{{name}}/disable", e("disable_cluster", "operator",
-                                                        self.disable_cluster), methods=["POST"]),
-            Route(f"{v1}/tokens", e("list_tokens", "operator", self.list_tokens),
-                  methods=["GET"]),
-            Route(f"{v1}/tokens/{{name}}", e("show_token", "operator", self.show_token),
-                  methods=["GET"]),
-            Route(f"{v1}/tokens/{{name}}/rotate", e("rotate_token", "operator",
-                                                     self.rotate_token), methods=["POST"]),
+        return [  # method, path, name (the metrics' route label), token scope needed, handler
+            ApiRoute("GET", "/healthz", "healthz", None, self.health),
+            ApiRoute("GET", "/metrics", "metrics", "operator", self.metrics_text),
+            ApiRoute("POST", f"{v1}/jobs", "create_job", "operator", self.create_job),
+            ApiRoute("GET", f"{v1}/jobs", "list_jobs", "operator", self.list_jobs),
+            ApiRoute("GET", f"{v1}/jobs/{{job_id}}", "get_job", "operator", self.get_job),
+            ApiRoute("DELETE", f"{v1}/jobs/{{job_id}}", "purge", "operator", self.purge),
+            ApiRoute("PUT", f"{v1}/jobs/{{job_id}}/bundle", "upload_bundle", "operator",
+                     self.upload_bundle),
+            ApiRoute("POST", f"{v1}/jobs/{{job_id}}/cancel", "cancel", "operator", self.cancel),
+            ApiRoute("POST", f"{v1}/jobs/{{job_id}}/requeue", "requeue", "operator",
+                     self.requeue),
+            ApiRoute("GET", f"{v1}/workers", "list_workers", "operator", self.list_workers),
+            ApiRoute("GET", f"{v1}/clusters", "list_clusters", "operator", self.list_clusters),
+            ApiRoute("POST", f"{v1}/clusters/{{name}}/enable", "enable_cluster", "operator",
+                     self.enable_cluster),
+            ApiRoute("POST", f"{v1}/clusters/{{name}}/disable", "disable_cluster", "operator",
+                     self.disable_cluster),
+            ApiRoute("GET", f"{v1}/tokens", "list_tokens", "operator", self.list_tokens),
+            ApiRoute("GET", f"{v1}/tokens/{{name}}", "show_token", "operator", self.show_token),
+            ApiRoute("POST", f"{v1}/tokens/{{name}}/rotate", "rotate_token", "operator",
+                     self.rotate_token),
         ]

@@ -24,8 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from relaymd.config import ClusterConfig, Settings
-from relaymd.models import ClusterInfo, to_datetime
+from relaymd.config import ClusterConfig, OrchestratorSettings
+from relaymd.models import LIVE_JOB_STATES, LIVE_WORKER_STATES, ClusterInfo, to_datetime
+from relaymd.models import WorkerStatus as W
 from relaymd.server.auth import Tokens
 from relaymd.server.provisioning.base import Provider, ProviderError, Seen
 from relaymd.server.provisioning.local import LocalProvider
@@ -57,7 +58,7 @@ def group_by_cluster(workers: list[dict[str, Any]]) -> dict[str, list[dict[str, 
     return out
 
 
-def build_provider(cluster: ClusterConfig, settings: Settings, service: Service, url: str,
+def build_provider(cluster: ClusterConfig, settings: OrchestratorSettings, service: Service, url: str,
                    tokens: Tokens) -> Provider:
     """The provider of one cluster; its workers get that cluster's bootstrap token (looked up
     at each request, so a rotated token applies to the next submission)."""
@@ -84,7 +85,7 @@ def build_provider(cluster: ClusterConfig, settings: Settings, service: Service,
 
 
 class Provisioner:
-    def __init__(self, settings: Settings, service: Service, clusters: list[ClusterConfig],
+    def __init__(self, settings: OrchestratorSettings, service: Service, clusters: list[ClusterConfig],
                  providers: dict[str, Provider], clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.service = service
@@ -129,7 +130,7 @@ class Provisioner:
         by_cluster = group_by_cluster(workers)
         queued = await store.aio.queued_jobs()
         jobs, _ = await self.service.counts()
-        live_jobs = sum(jobs.get(s, 0) for s in ("queued", "assigned", "running"))
+        live_jobs = sum(jobs.get(s, 0) for s in LIVE_JOB_STATES)
         waiting, blocked = self.route(queued, workers)
         changed = await store.aio.set_blocked_reasons(blocked)
         for job_id in changed:
@@ -139,7 +140,7 @@ class Provisioner:
             mine = by_cluster.get(name, [])
             state.view = ClusterView(
                 waiting=waiting.get(name, 0),
-                idle=self.spare(mine), busy=sum(w["status"] == "busy" for w in mine),
+                idle=self.spare(mine), busy=sum(w["status"] == W.busy for w in mine),
                 pending=state.seen.pending, live_jobs=live_jobs)
             config = state.config.model_copy(update={"enabled": self.enabled(name)})
             decision = decide(config, state.view)
@@ -175,7 +176,7 @@ class Provisioner:
 
     def spare(self, workers: list[dict[str, Any]]) -> int:
         """Idle workers that count as capacity: those still asking for work."""
-        return sum(w["status"] == "idle" and (self.service is None or self.service.claiming(w))
+        return sum(w["status"] == W.idle and (self.service is None or self.service.claiming(w))
                    for w in workers)
 
     def route(self, queued: list[dict[str, Any]], workers: list[dict[str, Any]]
@@ -189,7 +190,7 @@ class Provisioner:
             c = state.config
             mine = by_cluster.get(name, [])
             idle = self.spare(mine)
-            alive = sum(w["status"] in ("idle", "busy") for w in mine) + state.seen.pending
+            alive = sum(w["status"] in LIVE_WORKER_STATES for w in mine) + state.seen.pending
             can_ask = max(0, min(c.max_pending - state.seen.pending, c.max_workers - alive))
             room[name] = idle + state.seen.pending + can_ask
         waiting: dict[str, int] = {}
@@ -248,12 +249,21 @@ class Provisioner:
                 name=name, provider=s.config.provider, strategy=s.config.strategy,
                 enabled=self.enabled(name), priority=s.config.priority or 0, gpus=s.gpus,
                 max_pending=s.config.max_pending, max_workers=s.config.max_workers,
-                pending=s.seen.pending, idle=sum(w["status"] == "idle" for w in mine),
-                busy=sum(w["status"] == "busy" for w in mine), waiting=s.view.waiting,
+                pending=s.seen.pending, idle=sum(w["status"] == W.idle for w in mine),
+                busy=sum(w["status"] == W.busy for w in mine), waiting=s.view.waiting,
                 last_decision=s.decision.reason, last_submitted=s.decision.submit,
                 last_decision_at=to_datetime(s.decided_at), last_error=s.error,
                 note=s.seen.note, details=s.seen.details))
         return out
+
+    async def overview(self) -> list[ClusterInfo]:
+        """Every configured cluster as `relaymd clusters` shows it."""
+        return self.info(await self.service.store.aio.cluster_workers())
+
+    async def switch(self, name: str, enabled: bool) -> ClusterInfo:
+        """Enable or disable a cluster at run time (kept across restarts)."""
+        await self.set_enabled(name, enabled)
+        return next(c for c in await self.overview() if c.name == name)
 
     async def set_enabled(self, name: str, enabled: bool) -> None:
         if name not in self.clusters:

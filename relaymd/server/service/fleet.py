@@ -10,7 +10,6 @@ from typing import Any
 
 from relaymd.models import (
     LEASED_JOB_STATES,
-    ClusterInfo,
     WorkerRegister,
     WorkerRegistered,
     WorkerStatus,
@@ -134,18 +133,6 @@ class FleetOps(ServiceBase):
         except WorkerConflict:
             return  # it registered meanwhile: the worker owns the row now
         self.changed("workers", worker_id)
-
-    async def clusters(self) -> list[ClusterInfo]:
-        if self.provisioner is None:
-            return []
-        workers = await self.store.aio.cluster_workers()
-        return list(self.provisioner.info(workers))
-
-    async def switch_cluster(self, name: str, enabled: bool) -> ClusterInfo:
-        if self.provisioner is None:
-            raise NotFound(f"no cluster {name!r}: provisioning is not running")
-        await self.provisioner.set_enabled(name, enabled)
-        return next(c for c in await self.clusters() if c.name == name)
 
     # ------------------------------------------------------------------ bootstrap tokens
 
