@@ -19,13 +19,13 @@ import pytest
 import yaml
 
 from relaymd.client import Client
-from relaymd.config import Settings, load_settings
+from relaymd.config import OrchestratorSettings, load_settings
 from relaymd.fsutil import private_dir
 from relaymd.models import JobCreate, Progress, WorkerRegister
 from relaymd.secrets import redact_logs
 from relaymd.server.orchestrator import setup_file_logging
 from relaymd.storage.bundle import pack_directory
-from relaymd.worker.main import JsonLines
+from relaymd.worker.logs import JsonLines
 
 from .conftest import RunningOrchestrator, make_settings, submit
 
@@ -294,7 +294,7 @@ def test_slurm_env_values_are_redacted_from_logs(tmp_path: Path) -> None:
     values = settings.secret_values()
     assert "wandb-SECRET-value" in values
     assert "4" not in values, "a value too short to be a key would mask every 4 in the log"
-    assert Settings(home=tmp_path).secret_values() == []
+    assert OrchestratorSettings(home=tmp_path).secret_values() == []
 
 
 # ---------------------------------------------------------------- 5. extra fields redacted

@@ -5,152 +5,45 @@ Data flow: the orchestrator calls our listener after every committed change; tha
 the tables: only rows whose rendered cells differ are touched, so 10,000 jobs cost a diff, not
 a rebuild. A slow tick (every `poll` seconds) refreshes ages and heartbeat-borne progress, and
 is the only update path for a remote (`--connect`) source.
+
+This module is the App: its state, data flow and actions. The tables and their row cells are in
+tables.py, the rich text of the header and detail pane in render.py, the messages that bring
+news in from the orchestrator and from logging in messages.py, the modal screens in screens.py.
+Over 400 lines because the App's key bindings, actions and refresh paths share its state (rows
+shown, selection, last refresh); split further they would pass that state back and forth.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
-from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.geometry import Size
-from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, RichLog, Static
-from textual.widgets.data_table import ColumnKey, RowKey
 
+from relaymd.models import WorkerStatus
+from relaymd.tui.messages import Changed, LogLine
+from relaymd.tui.messages import PanelHandler as PanelHandler  # relaymd.tui.run's import
+from relaymd.tui.render import detail_text, header_text
 from relaymd.tui.screens import ConfirmScreen, HelpScreen, SubmitScreen
 from relaymd.tui.source import JobRow, Source, WorkerRow, progress_of
-
-STATUS_STYLE = {"queued": "yellow", "assigned": "cyan", "running": "bold green",
-                "completed": "blue", "failed": "bold red", "cancelled": "dim",
-                "idle": "green", "busy": "bold green", "stale": "yellow", "quarantined": "red",
-                "provisioning": "cyan", "gone": "dim"}
-# The order puts what an operator scans for first, so an 80-column terminal shows it all
-# before the table scrolls sideways.
-JOB_COLUMNS = (("id", "ID", 8), ("title", "TITLE", 16), ("status", "STATE", 9),
-               ("progress", "PROGRESS", 13), ("last", "LAST CKPT", 9), ("ckpt", "CKPTS", 5),
-               ("worker", "WORKER", 8), ("cluster", "CLUSTER", 8), ("age", "AGE", 6))
-WORKER_COLUMNS = (("id", "ID", 8), ("status", "STATE", 12), ("where", "PROVIDER/CLUSTER", 17),
-                  ("gpu", "GPU", 16), ("job", "JOB", 8), ("beat", "HEARTBEAT", 9),
-                  ("left", "ALLOC LEFT", 10))
-
-
-def ago(then: float | None, now: float) -> str:
-    if then is None:
-        return "-"
-    s = max(0, int(now - then))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
-def bar(done: float | None, text: str, width: int = 8) -> Text:
-    if done is None:
-        return Text(text or "-", style="dim")
-    filled = round(done * width)
-    out = Text("█" * filled, style="green")
-    out.append("░" * (width - filled), style="dim")
-    out.append(f" {done * 100:3.0f}%")
-    return out
-
-
-def styled(status: str) -> Text:
-    return Text(status, style=STATUS_STYLE.get(status, ""))
-
-
-class Changed(Message):
-    """The orchestrator committed a change to `what` ("jobs" or "workers")."""
-
-    def __init__(self, what: str) -> None:
-        super().__init__()
-        self.what = what
-
-    def can_replace(self, message: Message) -> bool:
-        return isinstance(message, Changed) and message.what == self.what
-
-
-class LogLine(Message):
-    def __init__(self, line: str) -> None:
-        super().__init__()
-        self.line = line
-
-
-class PanelHandler(logging.Handler):
-    """Forwards log records into the console's log pane (post_message is thread-safe)."""
-
-    def __init__(self, app: App[Any]) -> None:
-        super().__init__(logging.INFO)
-        self.app = app
-        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.app.post_message(LogLine(self.format(record)))
-        except Exception:
-            pass
-
-
-class FixedTable(DataTable[Any]):
-    """A table whose columns all have fixed widths and whose rows are one line: DataTable
-    measures every cell of every new row to size auto-width columns (90,000 measurements for
-    10,000 jobs, ~2 s); with nothing to size there is nothing to measure."""
-
-    def _update_dimensions(self, new_rows: Iterable[Any]) -> None:
-        if any(c.auto_width for c in self.columns.values()) or self._labelled_row_exists:
-            super()._update_dimensions(new_rows)
-            return
-        # What the measuring pass ends with: the scrollable size.
-        width = sum(c.get_render_width(self) for c in self.columns.values())
-        header = self.header_height if self.show_header else 0
-        self.virtual_size = Size(width, self._total_row_height + header)
-
-
-    def patch(self, shown: dict[str, tuple[Any, ...]], rows: Iterable[tuple[str, Any]],
-              columns: list[str], render: Callable[[int, Any], Any]) -> None:
-        """Make the table show `rows` ((key, cells), cells None: remove the row), given `shown`
-        (what it shows now, by key; kept up to date): rows are removed and appended, and of a
-        changed row only the cells that differ are set, all with one repaint (`update_cell`
-        repaints per cell: 1,000 changed jobs spent most of their patch there)."""
-        data = self._data
-        updated = 0
-        for key, cells in rows:
-            old = shown.get(key)
-            if cells is None:
-                if old is not None:
-                    self.remove_row(key)
-                    del shown[key]
-            elif old is None:
-                self.add_row(*(render(i, v) for i, v in enumerate(cells)), key=key)
-                shown[key] = cells
-            elif old != cells:
-                row = data[RowKey(key)]
-                for i, (a, b) in enumerate(zip(old, cells, strict=True)):
-                    if a != b:
-                        row[ColumnKey(columns[i])] = render(i, b)
-                        updated += 1
-                shown[key] = cells
-        if updated:
-            self._update_count += updated
-            self.refresh()
-
-
-class JobsTable(FixedTable):
-    """The jobs table: enter opens the details (and says so in the footer)."""
-
-    BINDINGS = [Binding("enter", "select_cursor", "Details")]
+from relaymd.tui.tables import (
+    JOB_COLUMNS,
+    WORKER_COLUMNS,
+    FixedTable,
+    JobsTable,
+    job_cells,
+    render_job_cell,
+    render_worker_cell,
+    worker_cells,
+)
 
 
 class RelayApp(App[None]):
@@ -313,23 +206,6 @@ class RelayApp(App[None]):
         finally:
             self._workers_busy = False
 
-    def job_cells(self, r: JobRow, now: float) -> tuple[Any, ...]:
-        return (r.id[:8], r.title, r.status, (r.done, r.progress),
-                ago(r.last_checkpoint_at, now), str(r.checkpoints), r.worker[:8] or "-",
-                self._clusters.get(r.worker) or "-", ago(r.created_at, now))
-
-    @staticmethod
-    def render_job_cell(index: int, value: Any) -> Any:
-        if index == 2:
-            return styled(value)
-        if index == 3:
-            return bar(*value)
-        return value
-
-    @staticmethod
-    def render_worker_cell(index: int, value: Any) -> Any:
-        return styled(value) if index == 1 else value
-
     def matches(self, r: JobRow) -> bool:
         f = self.filter_text.lower()
         return not f or r.id.startswith(f) or f in r.title.lower() or r.status == f
@@ -363,10 +239,10 @@ class RelayApp(App[None]):
 
         def wanted(key: str) -> tuple[Any, ...] | None:
             r = rows.get(key)
-            return self.job_cells(r, now) if r is not None and self.matches(r) else None
+            return job_cells(r, now, self._clusters) if r is not None and self.matches(r) else None
         self.query_one("#jobs", FixedTable).patch(
             self._job_cells, ((k, wanted(k)) for k in keys), [c[0] for c in JOB_COLUMNS],
-            self.render_job_cell)
+            render_job_cell)
 
     def apply_workers(self, rows: list[WorkerRow]) -> None:
         now = self.clock()
@@ -379,22 +255,18 @@ class RelayApp(App[None]):
             self.redraw_jobs([k for k, r in self._job_rows.items() if r.worker in moved])
         wanted: dict[str, tuple[Any, ...]] = {}
         for w in rows:
-            if w.status == "gone":
-                continue
-            left = "-" if w.wall_time_end is None else (
-                ago(now, w.wall_time_end) if w.wall_time_end > now else "ended")
-            wanted[w.id] = (w.id[:8], w.status, f"{w.provider}/{w.cluster}", w.gpu,
-                            w.job[:8] or "-", ago(w.last_heartbeat_at, now), left)
+            if w.status != WorkerStatus.gone:
+                wanted[w.id] = worker_cells(w, now)
         gone = [(k, None) for k in self._worker_cells if k not in wanted]
         self.query_one("#workers", FixedTable).patch(
             self._worker_cells, [*gone, *wanted.items()], [c[0] for c in WORKER_COLUMNS],
-            self.render_worker_cell)
+            render_worker_cell)
         self.update_header()
 
     def update_header(self) -> None:
         now = self.clock()
         jobs = Counter(r.status for r in self._job_rows.values())
-        workers = Counter(w.status for w in self._worker_list if w.status != "gone")
+        workers = Counter(w.status for w in self._worker_list if w.status != WorkerStatus.gone)
         total = sum(r.checkpoints for r in self._job_rows.values())
         marks = self._ckpt_marks
         if not marks or now - marks[-1][0] >= 5:  # a mark per 5 s is plenty for a rate
@@ -404,20 +276,7 @@ class RelayApp(App[None]):
         first_t, first_n = marks[0]
         rate = max(0, total - first_n) / ((now - first_t) / 3600) if now - first_t >= 30 else 0.0
 
-        def counts(c: Counter[str], order: tuple[str, ...]) -> Text:
-            out = Text()
-            for s in order:
-                if c[s]:
-                    out.append(f"  {c[s]} ")
-                    out.append(s, STATUS_STYLE.get(s, ""))
-            return out if out else Text(" none", "dim")
-        text = Text.assemble(
-            ("RelayMD ", "bold"), ("api ", "dim"), self.source.address,
-            ("   checkpoints/h ", "dim"), f"{rate:.0f}", "\n",
-            ("jobs", "bold"), counts(jobs, ("running", "assigned", "queued", "completed",
-                                            "failed", "cancelled")),
-            ("   workers", "bold"), counts(workers, ("busy", "idle", "provisioning", "stale",
-                                                     "quarantined")))
+        text = header_text(self.source.address, jobs, workers, rate)
         self.query_one("#header", Static).update(text)
 
     # ------------------------------------------------------------------ details
@@ -442,40 +301,7 @@ class RelayApp(App[None]):
         except Exception as exc:
             pane.update(f"cannot load job {self.selected[:8]}: {exc}")
             return
-        now = self.clock()
-        text = Text()
-        text.append(f"{d.id[:12]}  ", style="bold")
-        text.append(d.title + "\n")
-        text.append("state ")
-        text.append_text(styled(str(d.status)))
-        text.append(f"  attempt {d.attempt}  failures {d.failures}/{d.max_attempts}\n")
-        text.append(f"{d.command}\n", style="dim")
-        if d.preferred_clusters:
-            text.append(f"runs only on {', '.join(d.preferred_clusters)}\n")
-        if d.trusted_only:
-            text.append("runs only on trusted clusters\n")
-        if d.queue_blocked_reason:
-            text.append(f"waiting: {d.queue_blocked_reason}\n", style="bold yellow")
-        if d.checkpoint_list:
-            text.append("\ncheckpoints\n", style="bold")
-            for c in d.checkpoint_list[-8:]:
-                text.append(f"  {c.seq:>4}  {c.size / 1e6:8.2f} MB  "
-                            f"{ago(c.created_at.timestamp(), now):>6} ago  {c.worker_id[:8]}")
-                if not c.trusted:  # a stranger's machine (Salad) held the job when it wrote it
-                    text.append("  untrusted worker", style="yellow")
-                text.append("\n")
-        text.append("\nevents\n", style="bold")
-        for e in d.events[-12:]:
-            text.append(f"  {e.at:%m-%d %H:%M} ", style="dim")
-            text.append(f"{e.kind:<10} {e.reason[:30]}\n")
-        if d.last_failure:
-            f = d.last_failure
-            text.append(f"\nlast failure (attempt {f.attempt}, exit {f.exit_code})\n",
-                        style="bold red")
-            text.append(f"  {f.reason}\n")
-            for line in f.log_tail.splitlines()[-10:]:
-                text.append(f"  | {line}\n", style="dim")
-        pane.update(text)
+        pane.update(detail_text(d, self.clock()))
 
     # ------------------------------------------------------------------ actions
 
@@ -567,7 +393,7 @@ class RelayApp(App[None]):
         running = 0
         if self.source.local_workers_alive():
             running = sum(1 for w in self._worker_list
-                          if w.status == "busy" and w.provider == "local")
+                          if w.status == WorkerStatus.busy and w.provider == "local")
         if not running:
             self.exit()
             return

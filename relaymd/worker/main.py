@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gzip
-import json
 import logging
 import os
 import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,35 +21,28 @@ from pathlib import Path
 from typing import Any
 
 from relaymd.client import ApiError, Client
-from relaymd.config import Settings
+from relaymd.config import WorkerSettings
 from relaymd.fsutil import private_dir
 from relaymd.models import (
     Assignment,
     CheckpointReport,
-    CheckpointReserved,
     Progress,
     WorkerRegister,
     to_datetime,
 )
 from relaymd.secrets import RedactSecrets, environment_secrets, redact_logs
-from relaymd.storage import IntegrityError, ObjectNotFound, Storage, log_key, manifest_key
-from relaymd.storage.bundle import BundleError, extract_bundle, extract_checkpoint, manifest_files
-from relaymd.worker.checkpoint import IncompleteCheckpoint, Signature, Watcher
+from relaymd.storage import Storage
+from relaymd.worker.checkpoint import Signature, Watcher
 from relaymd.worker.engine import Engine
 from relaymd.worker.gateway import Gateway
 from relaymd.worker.hardware import detect_gpus, hostname, slurm_end_time
 from relaymd.worker.tailscale import join_tailnet
+from relaymd.worker.transfer import JobFiles, PrepareError
 
 log = logging.getLogger("relaymd.worker")
 LOW_DISK = 64 << 20  # bytes free below which a failure is blamed on the disk too
 STOP_GRACE = 10.0  # for a cancelled job or a lost lease: nobody waits for its checkpoint
 SETTLE_LOOKS = 5  # looks, `settle_seconds` apart, before a moving set waits for the next poll
-RESTORE_MARGIN = 1 << 20  # bytes a checkpoint may unpack past its manifest's sum (plus 1%)
-RESTORE_DISK_RESERVE = 64 << 20  # a restore never leaves the disk with less free than this
-
-
-class PrepareError(Exception):
-    """The job could not be set up here; reported as a failure with this reason."""
 
 
 @dataclass
@@ -77,7 +67,7 @@ class JobRun:
 
 
 class Worker:
-    def __init__(self, settings: Settings, client: Client, storage: Storage,
+    def __init__(self, settings: WorkerSettings, client: Client, storage: Storage,
                  wall_clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.client = client
@@ -85,8 +75,9 @@ class Worker:
         self.gateway = Gateway(client, settings.retry_max_delay)
         self.time = wall_clock  # deadlines are wall-clock epochs: compare with time.time()
         self.worker_id = ""
-        self.heartbeat_interval = settings.heartbeat_interval
-        self.heartbeat_timeout = settings.heartbeat_timeout
+        # The orchestrator's figures, told at registration; these stand in until then.
+        self.heartbeat_interval = 15.0
+        self.heartbeat_timeout = 45.0
         self.wall_time_end: float | None = None
         self.current: JobRun | None = None
         self.shutting_down = asyncio.Event()
@@ -95,6 +86,8 @@ class Worker:
         # Every secret this worker knows, scrubbed from the engine's log before it leaves.
         self.redactor = RedactSecrets([*settings.secret_values(), *environment_secrets(),
                                        client.initial_token])
+        self.files = JobFiles(settings.workdir, storage, self.gateway, client, self.redactor,
+                              wall_clock)
 
     # ------------------------------------------------------------------ life
 
@@ -225,80 +218,6 @@ class Worker:
         except (OSError, ValueError):
             return None
 
-    async def prepare(self, a: Assignment, job_dir: Path) -> None:
-        job = a.job
-        with tempfile.TemporaryDirectory(dir=self.settings.workdir) as tmp:
-            bundle = Path(tmp) / "bundle.tar.gz"
-            try:
-                await self.gateway.call("download bundle", self.storage.get_file, a.bundle_key,
-                                        bundle, expected_sha256=job.bundle_sha256,
-                                        give_up_after=300)
-                await asyncio.to_thread(extract_bundle, bundle, job_dir)
-            except (BundleError, Exception) as exc:  # any cause: reported, never a crash
-                raise PrepareError(f"cannot prepare bundle {a.bundle_key}: {exc}") from None
-            if a.checkpoint_key is None:
-                return
-            await self.restore(a, job_dir, Path(tmp) / "checkpoint.tar.gz")
-
-    async def restore(self, a: Assignment, job_dir: Path, ckpt: Path) -> None:
-        """Unpack the newest accepted checkpoint; one that is corrupt in storage (sha256
-        mismatch, gone, not a valid archive) or hostile (anything but files the job's
-        checkpoint globs name, bigger than its manifest says) is reported and the next older one
-        is tried. Never a silent fresh start: with no usable checkpoint left the attempt fails."""
-        assert a.checkpoint_key is not None and a.checkpoint_sha256 is not None
-        candidates = [(a.checkpoint_seq, a.checkpoint_key, a.checkpoint_sha256)]
-        candidates += [(c.seq, c.key, c.sha256) for c in a.older_checkpoints]
-        spec = a.job.spec.checkpoint
-        rejected = []
-        for seq, key, sha in candidates:
-            try:
-                await self.gateway.call("download checkpoint", self.storage.get_file, key, ckpt,
-                                        expected_sha256=sha, give_up_after=300)
-                limit = await self.restore_limit(a.job.id, seq, job_dir)
-                staging = ckpt.with_name(f"restore-{seq}")
-                await asyncio.to_thread(extract_checkpoint, ckpt, job_dir, staging, spec.paths,
-                                        spec.sentinel, limit)
-            except (IntegrityError, ObjectNotFound, BundleError) as exc:
-                log.error("checkpoint %s is unusable: %s", key, exc,
-                          extra={"job_id": a.job.id})
-                rejected.append(key)
-                # Forget it only when an older one is left to try: the last resume point is
-                # kept, so the job fails (for an operator to look at) rather than later
-                # restarting from scratch with nothing to resume from.
-                if seq is not None and len(rejected) < len(candidates):
-                    with contextlib.suppress(ApiError):
-                        await self.gateway.call("reject checkpoint", self.client.reject_checkpoint,
-                                                a.job.id, seq, a.attempt, str(exc)[:500],
-                                                give_up_after=60)
-                continue
-            except Exception as exc:  # storage unreachable for minutes: not the checkpoint's fault
-                raise PrepareError(f"cannot restore checkpoint {key}: {exc}") from None
-            if rejected:
-                log.warning("resumed from older checkpoint %s (newer unusable: %s)", key,
-                            ", ".join(rejected), extra={"job_id": a.job.id})
-            return
-        raise PrepareError(f"no usable checkpoint for job {a.job.id[:8]} (unusable: "
-                           f"{', '.join(rejected)}); refusing to start it from scratch")
-
-    async def restore_limit(self, job_id: str, seq: int | None, job_dir: Path) -> int:
-        """How many bytes a checkpoint may unpack to: what its manifest declares plus a margin
-        (tar headers, a file grown between the look and the pack), and never more than the
-        disk holds. Without a readable manifest, the disk alone bounds it."""
-        free = shutil.disk_usage(job_dir).free - RESTORE_DISK_RESERVE
-        if seq is None:
-            return free
-        try:
-            raw = await self.gateway.call("download manifest", self.storage.get_bytes,
-                                          manifest_key(job_id, seq), give_up_after=60)
-            declared = sum(manifest_files(raw).values())
-        except ObjectNotFound:
-            log.warning("checkpoint %d of job %s has no manifest; bounding it by the free disk",
-                        seq, job_id[:8])
-            return free
-        except ValueError as exc:
-            raise BundleError(f"checkpoint {seq} has an unreadable manifest: {exc}") from None
-        return min(declared + RESTORE_MARGIN + declared // 100, free)
-
     async def run_job(self, a: Assignment) -> None:
         job = a.job
         work = self.settings.workdir
@@ -311,7 +230,7 @@ class Worker:
                                         "resume_from": a.checkpoint_key})
         try:
             try:
-                await self.prepare(a, job_dir)
+                await self.files.prepare(a, job_dir)
             except PrepareError as exc:
                 log.error("%s", exc)
                 await self.settle("fail", run, exit_code=None, reason=str(exc), log_tail="")
@@ -350,7 +269,7 @@ class Worker:
             stopped.cancel()
             if engine.running:
                 await engine.stop(STOP_GRACE)
-            await self.upload_log(run, engine)
+            await self.files.upload_log(run.job_id, run.attempt, engine)
 
     def disk_note(self) -> str:
         """Why an engine may really have died: the worker's own disk is (nearly) full."""
@@ -438,52 +357,14 @@ class Worker:
             log.warning("cannot reserve a checkpoint: %s", exc.message)
             return None
         try:
-            return await self._pack_and_upload(run, watcher, sig, reserved)
+            return await self.files.pack_and_upload(run.job_id, run.attempt, watcher, sig,
+                                                    reserved, self.worker_id,
+                                                    self.read_progress(run))
         except OSError as exc:  # ENOSPC and friends on the worker's own disk: not fatal
             log.error("checkpoint %s not packed: %s (is %s full?); the last accepted checkpoint "
                       "stands", reserved.seq, exc, self.settings.workdir,
                       extra={"job_id": run.job_id})
             return None
-
-    async def _pack_and_upload(self, run: JobRun, watcher: Watcher, sig: Signature,
-                               reserved: CheckpointReserved) -> CheckpointReport | None:
-        with tempfile.TemporaryDirectory(dir=self.settings.workdir) as tmp:
-            try:
-                packed = await asyncio.to_thread(watcher.pack, sig, Path(tmp) / "ckpt.tar.gz")
-            except IncompleteCheckpoint as exc:
-                log.info("checkpoint set moved while packing (%s); next look", exc)
-                return None
-            progress = self.read_progress(run)
-            manifest = {
-                "job_id": run.job_id, "seq": reserved.seq, "sha256": packed.sha256,
-                "size": packed.size, "attempt": run.attempt, "worker_id": self.worker_id,
-                "time": self.time(), "files": packed.files,
-                "progress": progress.model_dump() if progress else None,
-            }
-            try:
-                await self.gateway.call("upload checkpoint", self.storage.put_file, reserved.key,
-                                        packed.path, overwrite=True, give_up_after=600)
-                await self.gateway.call("upload manifest", self.storage.put_bytes,
-                                        reserved.manifest_key, json.dumps(manifest).encode(),
-                                        overwrite=True, give_up_after=120)
-            except Exception as exc:
-                log.error("checkpoint %s upload failed: %s", reserved.seq, exc)
-                return None
-            watcher.mark_uploaded(sig)
-        return CheckpointReport(attempt=run.attempt, seq=reserved.seq, sha256=packed.sha256,
-                                size=packed.size, progress=progress)
-
-    async def upload_log(self, run: JobRun, engine: Engine) -> None:
-        try:
-            text = engine.log_path.read_bytes()[-(8 << 20):].decode(errors="replace")
-            data = gzip.compress(self.redactor.redact(text).encode())
-            await self.gateway.call("upload log", self.storage.put_bytes,
-                                    log_key(run.job_id, run.attempt), data, overwrite=True,
-                                    give_up_after=60)
-        except Exception as exc:
-            log.warning("engine log not uploaded: %s", exc)
-        finally:
-            engine.log_path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ settling
 
@@ -500,33 +381,7 @@ class Worker:
             log.warning("%s of job %s refused: %s", how, run.job_id[:8], exc.message)
 
 
-class JsonLines(logging.Formatter):
-    """One JSON object per line on stderr: easy to grep in SLURM output, easy to ship."""
-
-    _standard = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message"}
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": round(record.created, 3), "level": record.levelname.lower(),
-            "logger": record.name, "msg": record.getMessage(),
-        }
-        out.update({k: v for k, v in vars(record).items() if k not in self._standard})
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
-
-
-def setup_worker_logging(level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonLines())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    for noisy in ("httpx", "httpcore", "botocore", "boto3", "urllib3", "s3transfer"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-async def run_worker(settings: Settings, url: str, token: str) -> int:
+async def run_worker(settings: WorkerSettings, url: str, token: str) -> int:
     redact_logs([*settings.secret_values(), token])
     storage = settings.open_storage()
     key = settings.tailscale_auth_key
