@@ -14,6 +14,7 @@ import pytest
 
 from relaymd.storage import IntegrityError, ObjectExists, ObjectNotFound, Storage, StorageError, open_storage
 from relaymd.storage.s3 import MiB, S3Options, S3Storage
+from relaymd.storage.s3_errors import OUTER_ATTEMPTS, Permanent, retry_transfer
 
 from .s3servers import CuttableTcpProxy, ReadProxy, S3Server, free_port
 
@@ -271,3 +272,31 @@ def test_a_missing_bucket_says_so(s3_server: S3Server) -> None:
     store = make_store(s3_server, "no-such-bucket-relaymd")
     with pytest.raises(StorageError, match="does not exist"):
         store.list("")  # (SeaweedFS creates a bucket on a write by its admin)
+
+
+def test_streamed_transfers_retry_transient_errors_only(caplog: pytest.LogCaptureFixture) -> None:
+    calls: list[int] = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise StorageError("connection reset")
+        return "ok"
+
+    with caplog.at_level("WARNING", logger="relaymd.storage.s3"):
+        assert retry_transfer("download of k", flaky) == "ok"
+    assert len(calls) == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        f"download of k failed (try 1 of {OUTER_ATTEMPTS}), again in 0.5s: connection reset"]
+
+    for final in (ObjectNotFound("gone"), ObjectExists("there"), IntegrityError("bad"),
+                  Permanent("refused"), ValueError("bug")):
+        calls.clear()
+
+        def fails(exc: Exception = final) -> None:
+            calls.append(1)
+            raise exc
+
+        with pytest.raises(type(final)):
+            retry_transfer("x", fails)
+        assert len(calls) == 1, f"{type(final).__name__} was retried"

@@ -18,7 +18,7 @@ from relaymd.client import ApiError
 from relaymd.storage import IntegrityError, StorageError
 from relaymd.worker import checkpoint as checkpoint_mod
 from relaymd.worker.checkpoint import IncompleteCheckpoint, Watcher
-from relaymd.worker.gateway import Gateway, retryable
+from relaymd.worker.gateway import Gateway, backoff, retryable
 from relaymd.worker.hardware import Gpus, parse_nvidia_smi, parse_slurm_time, slurm_end_time
 
 T0 = 1_700_000_000 * 10**9  # a fixed mtime (ns) so tests never depend on timestamp granularity
@@ -338,6 +338,29 @@ async def test_gateway_retries_storage_errors_not_programming_errors() -> None:
     with pytest.raises(ValueError):
         await gateway().call("x", bad, give_up_after=10)
     assert bad.calls == 1, "a programming error was retried"
+
+
+def test_gateway_backoff_is_capped_exponential_with_half_jitter() -> None:
+    """Try n waits min(cap, 0.5 s * 2**(n-1)) times a random factor in [0.5, 1]."""
+    wait = backoff(max_delay=3.0)
+
+    class State:
+        def __init__(self, n: int) -> None:
+            self.attempt_number = n
+
+    for n, base in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 3.0), (10, 3.0), (200, 3.0)]:
+        pauses = [wait(State(n)) for _ in range(500)]  # type: ignore[arg-type]
+        assert all(0.5 * base <= p <= base for p in pauses), f"try {n}: {min(pauses)}..{max(pauses)}"
+        assert max(pauses) - min(pauses) > 0.2 * base, f"try {n}: no jitter"
+
+
+async def test_gateway_logs_each_retry(caplog: pytest.LogCaptureFixture) -> None:
+    fn = Flaky(ApiError(503, "unavailable", "busy"), ApiError(0, "unreachable", "down"))
+    with caplog.at_level("WARNING", logger="relaymd.worker.gateway"):
+        assert await gateway().call("claim", fn, give_up_after=10) == "ok"
+    lines = [r.getMessage() for r in caplog.records if r.name == "relaymd.worker.gateway"]
+    assert len(lines) == 2 and lines[0].startswith("claim failed (try 1): "), lines
+    assert "retrying in" in lines[1] and "(try 2)" in lines[1], lines
 
 
 def test_corrupt_download_is_not_retried() -> None:

@@ -1,5 +1,6 @@
-"""Where jobs' bytes live: the Storage protocol every backend implements, the key layout, and
-`open_storage`, which turns an operator's storage URL into a backend.
+"""Where jobs' bytes live: the key layout, and `open_storage`, which turns an operator's storage
+URL into a backend. The Storage protocol every backend implements, its errors and ObjectInfo live
+in `base.py` and are re-exported here (`from relaymd.storage import StorageError` and so on).
 
 Objects are immutable by default (`overwrite=False`), so a late upload from a dead worker can
 never clobber newer progress; downloads can verify a sha256 recorded when the object was written.
@@ -8,13 +9,21 @@ never clobber newer progress; downloads can verify a sha256 recorded when the ob
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
-if TYPE_CHECKING:
-    from relaymd.storage.s3 import S3Options
+from relaymd.storage.base import (
+    IntegrityError,
+    ObjectExists,
+    ObjectInfo,
+    ObjectNotFound,
+    Storage,
+    StorageError,
+    validate_key,
+    validate_prefix,
+)
+from relaymd.storage.local import LocalStorage
+from relaymd.storage.s3 import S3Options, S3Storage
 
 __all__ = [
     "IntegrityError",
@@ -34,79 +43,6 @@ __all__ = [
 ]
 
 ACCEPTED_SCHEMES = "file:///ABSOLUTE/PATH, a plain absolute path, or s3://BUCKET/PREFIX"
-
-
-class StorageError(Exception):
-    """Storage could not do what was asked; the message is one operator-facing line."""
-
-
-class ObjectNotFound(StorageError):
-    """The key names no object."""
-
-
-class ObjectExists(StorageError):
-    """A write with overwrite=False met an object already stored under the key."""
-
-
-class IntegrityError(StorageError):
-    """Downloaded bytes do not hash to the sha256 the caller expected."""
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    key: str
-    size: int
-    sha256: str
-
-
-@runtime_checkable
-class Storage(Protocol):
-    url: str
-
-    def put_file(self, key: str, path: Path, *, overwrite: bool = False) -> ObjectInfo: ...
-
-    def put_bytes(self, key: str, data: bytes, *, overwrite: bool = False) -> ObjectInfo: ...
-
-    def get_file(
-        self, key: str, dest: Path, *, expected_sha256: str | None = None
-    ) -> ObjectInfo: ...
-
-    def get_bytes(self, key: str) -> bytes: ...
-
-    def exists(self, key: str) -> bool: ...
-
-    def size(self, key: str) -> int: ...
-
-    # Declared after every method that annotates with the builtin `list`, which it shadows here.
-    def list(self, prefix: str) -> list[str]: ...
-
-    def delete(self, key: str) -> None: ...
-
-    def delete_prefix(self, prefix: str) -> int: ...
-
-
-def validate_key(key: str) -> str:
-    """Return `key` if it is a clean relative '/'-separated key, else raise ValueError."""
-    if not isinstance(key, str) or not key:
-        raise ValueError(f"invalid storage key {key!r}: it is empty")
-    if key.startswith("/"):
-        raise ValueError(f"invalid storage key {key!r}: it must be relative (no leading '/')")
-    if "\\" in key or "\x00" in key:
-        raise ValueError(f"invalid storage key {key!r}: backslashes and NUL are not allowed")
-    for part in key.split("/"):
-        if part in ("", ".", ".."):
-            raise ValueError(
-                f"invalid storage key {key!r}: empty, '.' and '..' segments are not allowed"
-            )
-    return key
-
-
-def validate_prefix(prefix: str) -> str:
-    """A prefix is a key, a key ending in '/', or '' (everything)."""
-    if prefix == "":
-        return prefix
-    validate_key(prefix[:-1] if prefix.endswith("/") else prefix)
-    return prefix
 
 
 def _job_segment(job_id: str) -> str:
@@ -151,8 +87,6 @@ def open_storage(url: str, s3: S3Options | None = None) -> Storage:
     expanded), and `s3://BUCKET/PREFIX` (reached as `s3` says: endpoint, credentials, read base
     URL, part size; `Settings.open_storage()` fills it from the config).
     """
-    from relaymd.storage.local import LocalStorage  # local imports this module
-
     text = url.strip() if isinstance(url, str) else ""
     if not text:
         raise StorageError(f"storage URL {url!r} is empty; use {ACCEPTED_SCHEMES}")
@@ -171,8 +105,6 @@ def open_storage(url: str, s3: S3Options | None = None) -> Storage:
             )
         return LocalStorage(Path(path))
     if scheme == "s3":
-        from relaymd.storage.s3 import S3Storage
-
         if not parts.netloc or parts.query or parts.fragment:
             raise StorageError(f"storage URL {url!r}: write it as s3://BUCKET or s3://BUCKET/PREFIX")
         try:

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from relaymd.storage import (
+from relaymd.storage.base import (
     IntegrityError,
     ObjectExists,
     ObjectInfo,

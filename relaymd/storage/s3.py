@@ -2,6 +2,11 @@
 reference), with reads optionally through a plain-HTTP read base URL (a Cloudflare Worker in front
 of the bucket, which saves B2's egress fees).
 
+Over 400 lines because S3Storage is one unit: its reads and writes share one client, one lock,
+the conditional-write state and the read-proxy fallback, and spreading its methods over files
+would only scatter that state. What stands apart lives beside it: the part I/O helpers in
+`s3_parts.py`, the error mapping and the transfer retry in `s3_errors.py`.
+
 - Writes, deletes, listings and HEADs go to the S3 API endpoint. The client sends only the
   checksums a request strictly needs (`when_required`): S3-compatible stores have refused the
   CRC headers that boto3 >= 1.36 adds by default. Integrity is our own: sha256.
@@ -13,7 +18,8 @@ of the bucket, which saves B2's egress fees).
 - Reads: `GET {read_base_url}/{PREFIX}{key}` with httpx (ranged for large objects); any failure
   there (unreachable, 5xx, 403, 404 from a cache) falls back to the S3 endpoint for that range.
 - Every request is retried with backoff on 5xx, throttling and network errors (botocore's
-  `standard` mode for API calls; our own loop for streamed bodies, which botocore does not retry).
+  `standard` mode for API calls; tenacity, in `s3_errors.retry_transfer`, re-runs streamed
+  bodies, which botocore does not retry).
 - Objects are immutable unless overwrite=True: conditional writes (`If-None-Match: *`) where the
   store supports them, a HEAD check before the upload everywhere.
 - Credentials never appear in messages, logs or reprs.
@@ -22,45 +28,39 @@ of the bucket, which saves B2's egress fees).
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from relaymd.storage import (
+from relaymd.storage.base import (
     IntegrityError,
-    ObjectExists,
     ObjectInfo,
     ObjectNotFound,
     StorageError,
     validate_key,
     validate_prefix,
 )
+from relaymd.storage.s3_errors import Permanent, S3Errors, retry_transfer
+from relaymd.storage.s3_parts import (
+    CHUNK,
+    MIN_PART,
+    FilePart,
+    MiB,
+    OrderedHasher,
+    note_http_meta,
+    note_s3_meta,
+    split_parts,
+)
 
 log = logging.getLogger("relaymd.storage.s3")
 
-MiB = 1 << 20
-CHUNK = MiB  # streaming buffer: what one transfer thread holds at a time
-MIN_PART = 5 * MiB  # S3 and B2: every part but the last is at least this
-MAX_PARTS = 10_000
 TMP_PREFIX = ".relaymd-tmp-"
-NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404"}
-AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403",
-              "InvalidToken", "ExpiredToken", "Unauthorized", "401"}
-OUTER_ATTEMPTS = 3  # re-runs of a streamed transfer; botocore retries each request inside
-T = TypeVar("T")
-
-
-class _Permanent(StorageError):
-    """Asking again cannot help: refused credentials, no such bucket, an unsatisfiable range."""
 
 
 @dataclass(frozen=True)
@@ -88,91 +88,6 @@ class S3Options:
             raise ValueError(f"S3 addressing style {self.addressing_style!r}: use path or virtual")
 
 
-class _FilePart(io.RawIOBase):
-    """A seekable read-only window [offset, offset + length) of a file: an upload_part body that
-    botocore can hash, send and rewind for a retry without it ever being read into memory."""
-
-    def __init__(self, path: Path, offset: int, length: int) -> None:
-        super().__init__()
-        self._fh = open(path, "rb")  # noqa: SIM115 - closed by close()
-        self._offset, self._length, self._pos = offset, length, 0
-
-    def __len__(self) -> int:
-        return self._length
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
-        self._pos = max(0, min(self._length, base + pos))
-        return self._pos
-
-    def read(self, size: int | None = -1) -> bytes:
-        left = self._length - self._pos
-        n = left if size is None or size < 0 else min(size, left)
-        if n <= 0:
-            return b""
-        data = os.pread(self._fh.fileno(), n, self._offset + self._pos)
-        self._pos += len(data)
-        return data
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        self._fh.close()
-        super().close()
-
-
-class _OrderedHasher:
-    """sha256 of a file being written in parts in any order: hashes each part as soon as it and
-    every part before it have landed, reading back from the (page-cached) file."""
-
-    def __init__(self, fd: int, parts: list[tuple[int, int]]) -> None:
-        self.fd, self.parts = fd, parts
-        self.digest = hashlib.sha256()
-        self._done = [False] * len(parts)
-        self._next = 0
-        self._cond = threading.Condition()
-
-    def landed(self, index: int) -> None:
-        with self._cond:
-            self._done[index] = True
-            self._cond.notify_all()
-
-    def follow(self, failed: Callable[[], bool]) -> None:
-        """Run in the caller's thread while the parts download; returns once all are hashed."""
-        while self._next < len(self.parts):
-            with self._cond:
-                while not self._done[self._next]:
-                    if failed():
-                        return
-                    self._cond.wait(0.2)
-            offset, length = self.parts[self._next]
-            end = offset + length
-            while offset < end:
-                data = os.pread(self.fd, min(CHUNK, end - offset), offset)
-                if not data:
-                    raise StorageError("download file shrank while it was being verified")
-                self.digest.update(data)
-                offset += len(data)
-            self._next += 1
-
-
-def _split(size: int, part_size: int) -> list[tuple[int, int]]:
-    part = max(part_size, -(-size // MAX_PARTS))  # never more than 10,000 parts
-    return [(off, min(part, size - off)) for off in range(0, size, part)] or [(0, 0)]
-
-
 class S3Storage:
     """Storage in an S3 bucket under an optional key prefix."""
 
@@ -187,6 +102,7 @@ class S3Storage:
         self.options = options or S3Options()
         self.url = f"s3://{bucket}/{self.prefix}"
         self.endpoint = self.options.endpoint_url or "AWS S3"
+        self._err = S3Errors(self.endpoint, self.url, bucket)
         self._client: Any = None
         self._http: Any = None
         self._lock = threading.Lock()
@@ -239,76 +155,11 @@ class S3Storage:
             raise ValueError(f"invalid storage key {key!r}: {TMP_PREFIX}* names are reserved")
         return self.prefix + key
 
-    # -- errors -----------------------------------------------------------------------------
-
-    @contextmanager
-    def _errors(self, action: str, key: str = "") -> Iterator[None]:
-        """botocore's and the network's exceptions as one-line StorageErrors (no secrets)."""
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
-        what = f"{action} {key}".strip()
-        try:
-            yield
-        except StorageError:
-            raise
-        except ClientError as exc:
-            raise self._client_error(exc, what, key) from None
-        except NoCredentialsError:
-            raise StorageError(
-                f"S3 {self.endpoint}: no credentials to {what}; set s3_access_key_id and "
-                "s3_secret_access_key (RELAYMD_S3_ACCESS_KEY_ID / RELAYMD_S3_SECRET_ACCESS_KEY) "
-                "or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from None
-        except (BotoCoreError, OSError) as exc:
-            raise StorageError(
-                f"S3 {self.endpoint} unreachable or failing: cannot {what}: "
-                f"{type(exc).__name__}: {exc}") from None
-
-    def _client_error(self, exc: Any, what: str, key: str) -> StorageError:
-        err = exc.response.get("Error", {})
-        code = str(err.get("Code", ""))
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        message = err.get("Message") or code or f"HTTP {status}"
-        if code in NOT_FOUND_CODES or (status == 404 and code != "NoSuchBucket"):
-            return ObjectNotFound(f"no object {key} in {self.url} ({self.endpoint})")
-        if code == "PreconditionFailed" or status == 412:
-            return self._exists(key)
-        if code == "NoSuchBucket":
-            return _Permanent(f"S3 {self.endpoint}: bucket {self.bucket!r} does not exist")
-        if code == "InvalidRange" or status == 416:
-            return _Permanent(f"S3 {self.endpoint}: cannot {what}: the range is past its end")
-        if code in AUTH_CODES or status in (401, 403):
-            return _Permanent(
-                f"S3 {self.endpoint} refused the credentials to {what} ({code or status}: "
-                f"{message}); check s3_access_key_id / s3_secret_access_key and the key's "
-                f"rights on bucket {self.bucket!r}")
-        return StorageError(f"S3 {self.endpoint}: cannot {what}: {code or status}: {message}")
-
-    def _exists(self, key: str) -> ObjectExists:
-        return ObjectExists(f"object {key} already exists in {self.url}; stored objects are "
-                            "never overwritten (write a new key)")
-
-    def _retry(self, what: str, fn: Callable[[], T]) -> T:
-        """Retry a streamed transfer (whose body botocore cannot replay) on transient errors."""
-        delay = 0.5
-        for attempt in range(1, OUTER_ATTEMPTS + 1):
-            try:
-                return fn()
-            except (ObjectNotFound, ObjectExists, IntegrityError, _Permanent):
-                raise
-            except StorageError as exc:
-                if attempt == OUTER_ATTEMPTS:
-                    raise
-                log.warning("%s failed (try %d of %d), again in %.1fs: %s", what, attempt,
-                            OUTER_ATTEMPTS, delay, exc)
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
-        raise AssertionError("unreachable")
-
     # -- writes -----------------------------------------------------------------------------
 
     def _head(self, full: str, key: str) -> dict[str, Any] | None:
         try:
-            with self._errors("look up", key):
+            with self._err.translating("look up", key):
                 return self.client.head_object(Bucket=self.bucket, Key=full)  # type: ignore[no-any-return]
         except ObjectNotFound:
             return None
@@ -318,10 +169,10 @@ class S3Storage:
                                   "Metadata": {"sha256": sha}}
         if not overwrite:
             if self._head(full, key) is not None:
-                raise self._exists(key)
+                raise self._err.exists(key)
             if self._conditional_writes:
                 kwargs["IfNoneMatch"] = "*"
-        with self._errors("upload", key):
+        with self._err.translating("upload", key):
             self._call_conditional(self.client.put_object, kwargs)
 
     def _call_conditional(self, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
@@ -362,7 +213,7 @@ class S3Storage:
                 raise StorageError(f"cannot read {path} to upload as {key}: {exc.strerror}") from None
             return self.put_bytes(key, data, overwrite=overwrite)
         if not overwrite and self._head(full, key) is not None:
-            raise self._exists(key)
+            raise self._err.exists(key)
         sha = self._multipart_upload(full, key, path, st.st_size, overwrite)
         after = path.stat()
         if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
@@ -372,8 +223,8 @@ class S3Storage:
 
     def _multipart_upload(self, full: str, key: str, path: Path, size: int,
                           overwrite: bool) -> str:
-        parts = _split(size, self.options.part_size)
-        with self._errors("start the upload of", key):
+        parts = split_parts(size, self.options.part_size)
+        with self._err.translating("start the upload of", key):
             upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=full)["UploadId"]
         try:
             pool = ThreadPoolExecutor(self.options.concurrency, "relaymd-s3-put")
@@ -398,7 +249,7 @@ class S3Storage:
                                               for i, e in enumerate(etags)]}}
             if not overwrite and self._conditional_writes:
                 kwargs["IfNoneMatch"] = "*"
-            with self._errors("finish the upload of", key):
+            with self._err.translating("finish the upload of", key):
                 self._call_conditional(self.client.complete_multipart_upload, kwargs)
         except BaseException:
             try:
@@ -413,15 +264,15 @@ class S3Storage:
                      offset: int, length: int) -> str:
         def once() -> str:
             try:
-                body = _FilePart(path, offset, length)
+                body = FilePart(path, offset, length)
             except OSError as exc:
                 raise StorageError(f"cannot read {path} to upload as {key}: {exc}") from None
-            with body, self._errors(f"upload part {index + 1} of", key):
+            with body, self._err.translating(f"upload part {index + 1} of", key):
                 resp = self.client.upload_part(Bucket=self.bucket, Key=full, UploadId=upload_id,
                                                PartNumber=index + 1, Body=body,
                                                ContentLength=length)
                 return str(resp["ETag"])
-        return self._retry(f"part {index + 1} of {key}", once)
+        return retry_transfer(f"part {index + 1} of {key}", once)
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -448,7 +299,7 @@ class S3Storage:
                 headers = {"Range": rng} if rng else {}
                 with self.http.stream("GET", url, headers=headers) as resp:
                     if resp.status_code in (200, 206) and (rng is None or resp.status_code == 206):
-                        _note_http_meta(resp.headers, meta)
+                        note_http_meta(resp.headers, meta)
                         for chunk in resp.iter_bytes(CHUNK):
                             sink(chunk)
                             got += len(chunk)
@@ -460,12 +311,12 @@ class S3Storage:
                 raise StorageError(f"read of {key} through {self.options.read_base_url} broke "
                                    f"after {got} bytes: {why}")
             self._proxy_failed(full, why)
-        with self._errors("download", key):
+        with self._err.translating("download", key):
             kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full}
             if rng:
                 kwargs["Range"] = rng
             resp = self.client.get_object(**kwargs)
-            _note_s3_meta(resp, meta)
+            note_s3_meta(resp, meta)
             body = resp["Body"]
             try:
                 while chunk := body.read(CHUNK):
@@ -481,7 +332,7 @@ class S3Storage:
             buf.clear()
             self._stream(full, key, None, None, buf.extend, {})
             return bytes(buf)
-        return self._retry(f"download of {key}", once)
+        return retry_transfer(f"download of {key}", once)
 
     def get_file(self, key: str, dest: Path, *, expected_sha256: str | None = None) -> ObjectInfo:
         full = self._full(key)
@@ -520,8 +371,8 @@ class S3Storage:
             meta.clear()
             self._stream(full, key, 0, part - 1, first.extend, meta)
         try:
-            self._retry(f"download of {key}", head_part)
-        except _Permanent as exc:
+            retry_transfer(f"download of {key}", head_part)
+        except Permanent as exc:
             if "range" not in str(exc):
                 raise
             return self._download_whole(full, key, fd)  # an empty object has no byte 0
@@ -534,7 +385,7 @@ class S3Storage:
         first.clear()  # free the part before the parallel ones start
         os.ftruncate(fd, size)
         parts = [(off, min(part, size - off)) for off in range(part, size, part)]
-        hasher = _OrderedHasher(fd, [(0, min(part, size)), *parts])
+        hasher = OrderedHasher(fd, [(0, min(part, size)), *parts])
         hasher.landed(0)
         failed = threading.Event()
 
@@ -553,7 +404,7 @@ class S3Storage:
                     raise StorageError(f"{key}: part at {offset} ended after {pos - offset} of "
                                        f"{length} bytes")
             try:
-                self._retry(f"download of {key} at {offset}", once)
+                retry_transfer(f"download of {key} at {offset}", once)
             except BaseException:
                 failed.set()
                 raise
@@ -595,7 +446,7 @@ class S3Storage:
     def list(self, prefix: str) -> list[str]:
         validate_prefix(prefix)
         keys: list[str] = []
-        with self._errors("list", prefix or "all keys"):
+        with self._err.translating("list", prefix or "all keys"):
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=self.prefix + prefix)
             for page in pages:
@@ -608,7 +459,7 @@ class S3Storage:
     def delete(self, key: str) -> None:
         full = self._full(key)
         try:
-            with self._errors("delete", key):
+            with self._err.translating("delete", key):
                 self.client.delete_object(Bucket=self.bucket, Key=full)
         except ObjectNotFound:
             pass
@@ -629,24 +480,3 @@ class S3Storage:
             if self._http is not None:
                 self._http.close()
                 self._http = None
-
-
-def _note_http_meta(headers: Any, meta: dict[str, Any]) -> None:
-    total = headers.get("content-range", "").rpartition("/")[2]
-    if total.isdigit():
-        meta["size"] = int(total)
-    elif headers.get("content-length", "").isdigit():
-        meta["size"] = int(headers["content-length"])
-    if headers.get("x-amz-meta-sha256"):
-        meta["sha256"] = headers["x-amz-meta-sha256"]
-
-
-def _note_s3_meta(resp: dict[str, Any], meta: dict[str, Any]) -> None:
-    total = str(resp.get("ContentRange", "")).rpartition("/")[2]
-    if total.isdigit():
-        meta["size"] = int(total)
-    elif resp.get("ContentLength") is not None:
-        meta["size"] = int(resp["ContentLength"])
-    sha = (resp.get("Metadata") or {}).get("sha256")
-    if sha:
-        meta["sha256"] = sha

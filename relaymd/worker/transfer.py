@@ -19,7 +19,8 @@ from relaymd.client import ApiError, Client
 from relaymd.models import Assignment, CheckpointReport, CheckpointReserved, Progress
 from relaymd.secrets import RedactSecrets
 from relaymd.storage import IntegrityError, ObjectNotFound, Storage, log_key, manifest_key
-from relaymd.storage.bundle import BundleError, extract_bundle, extract_checkpoint, manifest_files
+from relaymd.storage.bundle import BundleError, extract_bundle
+from relaymd.storage.checkpoints import extract_checkpoint, manifest_files
 from relaymd.worker.checkpoint import IncompleteCheckpoint, Signature, Watcher
 from relaymd.worker.engine import Engine
 from relaymd.worker.gateway import Gateway

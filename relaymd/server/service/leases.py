@@ -25,7 +25,7 @@ from relaymd.server.service.base import BadRequest, Forbidden, NotFound, Service
 from relaymd.server.transitions import JobNotFound, TransitionConflict, WorkerConflict
 from relaymd.server.views import job_from_row
 from relaymd.storage import ObjectNotFound, bundle_key, checkpoint_key, manifest_key
-from relaymd.storage.bundle import checkpoint_refusal, manifest_files
+from relaymd.storage.checkpoints import checkpoint_refusal, manifest_files
 
 log = logging.getLogger(__name__)
 
