@@ -673,3 +673,28 @@ def test_unreachable_orchestrator_stops_the_engine_after_the_stale_timeout(
     took = time.monotonic() - gone
     assert took >= timeout, f"engine stopped {took:.1f}s after the orchestrator went away"
     assert "unreachable" in worker_log(tmp_path), why(tmp_path)
+
+
+def test_an_engine_finishing_while_the_orchestrator_is_down_keeps_its_result(
+        orch: RunningOrchestrator, tmp_path: Path) -> None:
+    """The engine exits 0 while the orchestrator restarts (down longer than the heartbeat
+    timeout): the final checkpoint, which holds the result, waits for it to come back instead of
+    the job being completed without it (found by bench/chaos.py --refill)."""
+    job_id = submit_stepper(orch, tmp_path, total=60, step_s=0.05, every=10)
+    w = start_worker(orch, tmp_path)
+    steps = steps_log(tmp_path, job_id)
+    wait_for(lambda: steps.exists() and len(steps.read_text().split()) >= 40, 30,
+             lambda: f"the engine to reach step 40 ({why(tmp_path)})")
+    orch.stop()  # ~1 s before the engine ends
+    wait_for(lambda: len(steps.read_text().split()) == 60, 10, "the engine to finish")
+    time.sleep(orch.settings.heartbeat_timeout + 1.5)  # past what a checkpoint reservation waited
+    port = int(orch.url.rsplit(":", 1)[1])  # the worker knows it there
+    again = RunningOrchestrator(orch.settings.model_copy(update={"port": port})).start()
+    try:
+        assert w.wait(90) == 0, why(tmp_path)
+        job = again.operator().get_job(job_id)
+        assert job.status == "completed", f"job is {job.status} ({why(tmp_path)})"
+        assert final_result(again, job_id, tmp_path) == {"x": expected_result(60), "n": 60}, \
+            why(tmp_path)
+    finally:
+        again.stop()

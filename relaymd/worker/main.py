@@ -4,6 +4,9 @@ One asyncio loop runs the heartbeat (for the worker's whole life), the engine's 
 the checkpoint watch. Anything that ends an attempt — the engine exiting, a `stop` directive, a
 lost lease, SIGTERM or the allocation's end — goes through `JobRun.stop()` and is then settled in
 exactly one callback: complete, fail, release, or nothing when the lease is already gone.
+
+Over 400 lines because the loop, the engine's supervision and the checkpoint and hand-in
+protocol share one JobRun and one lease; moving files to and from storage is in transfer.py.
 """
 
 from __future__ import annotations
@@ -285,7 +288,18 @@ class Worker:
     async def end_exited(self, run: JobRun, watcher: Watcher, engine: Engine, code: int) -> None:
         log.info("engine exited", extra={"job_id": run.job_id, "exit_code": code})
         if code == 0:
-            report = await self.final_checkpoint(run, watcher, newer_than=None)
+            # Nothing else is left to do: the orchestrator and storage get as long as the
+            # hand-in itself (an orchestrator restarting is no reason to lose the result).
+            report, unshipped = await self.final_checkpoint(run, watcher, None,
+                                                            self.settle_patience())
+            if unshipped:
+                # The engine's final state is only on this node: completing now would record a
+                # job whose result nobody can fetch. Hand it back instead; the next attempt
+                # resumes from the last accepted checkpoint and redoes the rest.
+                log.error("final checkpoint not shipped; handing the job back rather than "
+                          "completing it without its result", extra={"job_id": run.job_id})
+                await self.settle("release", run, reason="final checkpoint could not be shipped")
+                return
             await self.settle("complete", run, checkpoint=report)
         else:
             await self.settle("fail", run, exit_code=code,
@@ -301,7 +315,7 @@ class Worker:
         baseline = watcher.baseline()  # before the engine is asked to write its last one
         code = await engine.stop(self.settings.shutdown_wait)
         log.info("engine stopped for hand-off", extra={"job_id": run.job_id, "exit_code": code})
-        report = await self.final_checkpoint(run, watcher, newer_than=baseline)
+        report, _ = await self.final_checkpoint(run, watcher, newer_than=baseline)
         # Whatever the engine's exit code after our SIGTERM, this is a hand-off, not a failure.
         await self.settle("release", run, checkpoint=report, reason=self.shutdown_reason
                           or "worker handing back")
@@ -320,13 +334,17 @@ class Worker:
             sig = watcher.candidate(newer_than)
         return sig
 
-    async def final_checkpoint(self, run: JobRun, watcher: Watcher,
-                               newer_than: int | None) -> CheckpointReport | None:
-        """After the engine exited its files are still: two looks a moment apart suffice."""
+    async def final_checkpoint(self, run: JobRun, watcher: Watcher, newer_than: int | None,
+                               patience: float | None = None
+                               ) -> tuple[CheckpointReport | None, bool]:
+        """The last set's report (None: nothing new since the last upload), and whether a new
+        set was left unshipped. After the engine exited its files are still: two looks a moment
+        apart suffice."""
         sig = await self.stable_set(watcher, 0.2, newer_than)
         if sig is None:
-            return None
-        return await self.upload_checkpoint(run, watcher, sig)
+            return None, False
+        report = await self.upload_checkpoint(run, watcher, sig, patience)
+        return report, report is None
 
     async def maybe_checkpoint(self, run: JobRun, watcher: Watcher) -> None:
         ckpt = run.assignment.job.spec.checkpoint
@@ -345,12 +363,13 @@ class Worker:
                 run.stop("lease_lost")
             log.warning("checkpoint %s not accepted: %s", report.seq, exc.message)
 
-    async def upload_checkpoint(self, run: JobRun, watcher: Watcher,
-                                sig: Signature) -> CheckpointReport | None:
+    async def upload_checkpoint(self, run: JobRun, watcher: Watcher, sig: Signature,
+                                patience: float | None = None) -> CheckpointReport | None:
         try:
             reserved = await self.gateway.call("reserve checkpoint",
                                                self.client.reserve_checkpoint, run.job_id,
-                                               run.attempt, give_up_after=self.heartbeat_timeout)
+                                               run.attempt,
+                                               give_up_after=patience or self.heartbeat_timeout)
         except ApiError as exc:
             if exc.status in (403, 409):
                 run.stop("lease_lost")
@@ -368,6 +387,10 @@ class Worker:
 
     # ------------------------------------------------------------------ settling
 
+    def settle_patience(self) -> float:
+        """How long a hand-in (and the final checkpoint before it) keeps retrying."""
+        return max(self.heartbeat_timeout, 60)
+
     async def settle(self, how: str, run: JobRun, **kw: Any) -> None:
         """complete / fail / release, retried until the orchestrator answers. A 409 after a
         retried network error means an earlier try already landed."""
@@ -375,7 +398,7 @@ class Worker:
                                   "release": self.client.release}[how]
         try:
             await self.gateway.call(how, fn, run.job_id, run.attempt, **kw,
-                                    give_up_after=max(self.heartbeat_timeout, 60))
+                                    give_up_after=self.settle_patience())
             log.info("job %s", how, extra={"job_id": run.job_id, "attempt": run.attempt})
         except ApiError as exc:
             log.warning("%s of job %s refused: %s", how, run.job_id[:8], exc.message)
