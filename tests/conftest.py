@@ -13,8 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 os.environ.pop("NO_COLOR", None)  # changes Textual snapshots
+
+# Property tests explore new examples on every developer's run (that is how the API fuzzer found
+# its bugs); in CI (CI=true) they replay a fixed sequence, so a pass or a failure there is the
+# commit's, not the luck of the draw. A failure found locally is kept in .hypothesis/ and replayed.
+hypothesis_settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 from relaymd.client import Client  # noqa: E402
 from relaymd.config import OrchestratorSettings  # noqa: E402
