@@ -54,6 +54,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -162,6 +163,9 @@ class Run:
     step: int = 0
     platform: str = ""
     engine_cpu_s: float = 0.0
+    worker_cpu_s: float = 0.0  # worker runs: the worker's and the orchestrator's CPU while the
+    server_cpu_s: float = 0.0  # engine ran
+    uploads: int = 0  # worker runs: checkpoints uploaded
     load: Load | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -188,12 +192,14 @@ def read_final_state(files: dict[str, bytes], run: Run, steps: int) -> None:
 class Bench:
     """The example, the bare runs and the orchestrator + worker runs; `close()` ends them all."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, prefix: str = "relaymd-md-overhead-") -> None:
         self.args = args
-        self.home = Path(tempfile.mkdtemp(prefix="relaymd-md-overhead-", dir=args.home_parent))
+        self.home = Path(tempfile.mkdtemp(prefix=prefix, dir=args.home_parent))
         self.example = self.home / "example"
         self.bundle = self.home / "bundle.tar.gz"
+        self.spec: dict[str, Any] = {}  # the example's relaymd.yaml as written
         self.command = ""
+        self.steps = 0  # the length of every run (set_steps)
         self.server: subprocess.Popen[bytes] | None = None
         self.procs: list[subprocess.Popen[bytes]] = []
         self.groups: set[int] = set()
@@ -207,27 +213,42 @@ class Bench:
     # ------------------------------------------------------------------ setup
 
     def build(self) -> int:
-        """Write the example and its bundle; returns the atom count."""
+        """Write the example and its bundle for runs of --steps steps; returns the atom count."""
+        atoms = self.write_example()
+        self.set_steps(self.args.steps)
+        return atoms
+
+    def write_example(self) -> int:
+        """Write the example (--atoms, --checkpoint-seconds, --platform); returns the atom count."""
         import openmm
-        import yaml
 
         from relaymd.engines.openmm.example import write_example
 
         a = self.args
-        spec = write_example(self.example, atoms=a.atoms, checkpoint_seconds=a.checkpoint_seconds,
-                             platform=a.platform)
-        command, n = re.subn(r"--ns \S+", f"--steps {a.steps}", str(spec["command"]))
-        if n != 1 or "--threads" in command:
-            raise RuntimeError(f"unexpected example command: {spec['command']}")
-        if a.threads:
-            command += f" --threads {a.threads}"
-        self.command = command
-        spec["command"] = command
-        spec["checkpoint"]["poll_seconds"] = a.poll_seconds  # type: ignore[index]
-        (self.example / "relaymd.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-        pack_directory(self.example, self.bundle)
+        self.spec = write_example(self.example, atoms=a.atoms,
+                                  checkpoint_seconds=a.checkpoint_seconds, platform=a.platform)
         system = openmm.XmlSerializer.deserialize((self.example / "system.xml").read_text())
         return int(system.getNumParticles())
+
+    def set_steps(self, steps: int, engine_args: tuple[str, ...] = (), pack: bool = True) -> None:
+        """Make the example's command a run of `steps` steps (plus --threads and engine_args),
+        write it into relaymd.yaml with the worker's --poll-seconds, and pack the bundle."""
+        import yaml
+
+        a = self.args
+        command, n = re.subn(r"--ns \S+", f"--steps {steps}", str(self.spec["command"]))
+        if n != 1 or "--threads" in command:
+            raise RuntimeError(f"unexpected example command: {self.spec['command']}")
+        if a.threads:
+            command += f" --threads {a.threads}"
+        if engine_args:
+            command += " " + shlex.join(engine_args)
+        self.command, self.steps = command, steps
+        checkpoint = {**self.spec["checkpoint"], "poll_seconds": a.poll_seconds}
+        spec = {**self.spec, "command": command, "checkpoint": checkpoint}
+        (self.example / "relaymd.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        if pack:
+            pack_directory(self.example, self.bundle)
 
     # ------------------------------------------------------------------ bare
 
@@ -262,7 +283,7 @@ class Bench:
         if code != 0:
             raise RuntimeError(f"bare run exited with {code}: " + tail(self.home / f"bare-{repeat}.log"))
         read_final_state({name: (work / name).read_bytes()
-                          for name in ("progress.json", "checkpoint.json")}, run, self.args.steps)
+                          for name in ("progress.json", "checkpoint.json")}, run, self.steps)
         shutil.rmtree(work, ignore_errors=True)
         return run
 
@@ -328,10 +349,11 @@ class Bench:
                     member = tar.extractfile(name)
                     if member is not None:
                         files[name] = member.read()
-            read_final_state(files, run, self.args.steps)
+            read_final_state(files, run, self.steps)
             # progress.json changes only when the runner writes a checkpoint: sets with the same
             # progress re-sent the same checkpoint with a newer energies.csv
             distinct = len({c.progress.done for c in d.checkpoint_list if c.progress})
+            run.uploads = len(d.checkpoint_list)
             run.notes.append(f"checkpoints uploaded: {len(d.checkpoint_list)} ({distinct} distinct)")
         finally:
             self.stop_server()
@@ -385,6 +407,7 @@ class Bench:
         run.wall_s = engine_end - engine_start
         run.engine_cpu_s = st.children_cpu_s if st else 0.0  # what the worker reaped: the engine
         worker_cpu, server_cpu = (cpu_at_end[0] - cpu_at_start[0], cpu_at_end[1] - cpu_at_start[1])
+        run.worker_cpu_s, run.server_cpu_s = worker_cpu, server_cpu
         assert run.load is not None
         run.load.settle(run.engine_cpu_s + worker_cpu + server_cpu)
         run.notes.append(f"while the engine ran: worker {worker_cpu:.2f} s CPU, "
