@@ -86,6 +86,7 @@ class Runner:
         self.dt_ps = 0.0
         self.steps_per_second = 0.0
         self.energy_records: list[str] = []  # reported since the last checkpoint
+        self.dof: int | None = None  # degrees of freedom: the System's, fixed for the run
 
     # ------------------------------------------------------------------ setup
 
@@ -243,7 +244,9 @@ class Runner:
         from openmm import unit as u
 
         state = self.sim.context.getState(getEnergy=True)
-        dof = self._dof()
+        if self.dof is None:  # a loop over every particle: once, not every report
+            self.dof = self._dof()
+        dof = self.dof
         ke = state.getKineticEnergy().value_in_unit(u.kilojoule_per_mole)
         temp = 2 * ke / (dof * openmm.unit.MOLAR_GAS_CONSTANT_R.value_in_unit(
             u.kilojoule_per_mole / u.kelvin)) if dof else 0.0
