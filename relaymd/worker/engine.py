@@ -88,7 +88,7 @@ class Engine:
             return False
         except PermissionError:
             return True
-        return True
+        return any(state != "Z" for state in group_states(self.proc.pid))
 
     async def stop(self, grace: float) -> int | None:
         """SIGTERM the engine's process group; SIGKILL it if anything in it is still alive after
@@ -121,3 +121,25 @@ class Engine:
                 return fh.read().decode(errors="replace")
         except OSError:
             return ""
+
+
+def group_states(pgid: int) -> list[str]:
+    """The states (R, S, Z, ...) of the processes in group `pgid`; ['?'] where /proc cannot say.
+    A zombie is dead: as PID 1 without an init (a container), the engine orphaned by its `sh -c`
+    becomes our child when it exits, and nobody reaps it."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return ["?"]
+    states = []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid:
+            states.append(fields[0])
+    return states or ["?"]
