@@ -4,7 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup system run serve test test-fast test-binary binary lint bench clean
+.PHONY: setup system run serve test test-fast test-binary binary lint bench clean \
+	container-tools images test-images
 
 setup: $(STAMP)
 
@@ -54,6 +55,24 @@ binary: setup
 
 test-binary: binary
 	$(BIN)/pytest -q tests/test_binary.py
+
+# The worker and orchestrator images, built from the working tree with podman (else buildah or
+# docker) on a Debian base made here with debootstrap (no registry needed): deploy/images.sh.
+# podman, runc and debootstrap are installed when missing and we are root (CI is). Slow (minutes
+# the first time), so not part of `make test`; CI runs test-images, which runs a real OpenMM job
+# and a SIGTERM hand-off inside the worker image (tests/test_images.py).
+container-tools:
+	@{ command -v podman && command -v runc && command -v debootstrap; } >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends podman runc debootstrap >/dev/null; }; } || \
+	  echo "note: podman, runc or debootstrap is missing and cannot be installed here (not root)"
+
+images: container-tools
+	bash deploy/images.sh
+
+test-images: setup images
+	RELAYMD_TEST_IMAGES=1 $(BIN)/pytest -q tests/test_images.py
 
 bench: setup
 	$(BIN)/python bench/control_plane.py

@@ -41,6 +41,7 @@ DEPLOY_README = DEPLOY / "README.md"
 CONSOLE_SCRIPT = DEPLOY / "hpc" / "relaymd-console.sh"
 SYSTEMD_UNIT = DEPLOY / "hpc" / "relaymd.service"
 DOCKERIGNORE = ROOT / ".dockerignore"
+IMAGES_SCRIPT = DEPLOY / "images.sh"
 
 DOCKERFILES = {
     "worker": (WORKER_DOCKERFILE, ["relaymd", "worker"]),
@@ -226,14 +227,21 @@ def test_worker_dockerfile_builds_cuda_openmm_and_relaymd_from_the_context() -> 
     first_from = next(n for n, i in enumerate(instructions) if i.keyword == "FROM")
     args_before = {k: v for i in instructions[:first_from] for k, v in assignments(i).items()}
     assert re.fullmatch(r"12\.\d+\.\d+", args_before.get("CUDA_VERSION", "")), args_before
-    image = instructions[first_from].args
-    assert image.startswith("nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu"), image
+    # The base is a build arg (deploy/images.sh builds on a Debian base), the CUDA runtime by default.
+    assert instructions[first_from].args == "${BASE_IMAGE}"
+    base = args_before.get("BASE_IMAGE", "")
+    assert base.startswith("nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu"), base
 
     args = {k: v for i in instructions if i.keyword == "ARG" for k, v in assignments(i).items()}
     assert re.fullmatch(r"8\.\d+(\.\d+)?", args.get("OPENMM_VERSION", "")), args
     assert args.get("WITH_TAILSCALE") == "0"
+    # OpenMM's pip spec is a build arg too: the CUDA extra by default, plain openmm for CPU images.
+    assert args.get("OPENMM_PIP") == "openmm[cuda12]==${OPENMM_VERSION}", args
     runs = [i.args for i in instructions if i.keyword == "RUN"]
-    assert any('"openmm[cuda12]==${OPENMM_VERSION}"' in r for r in runs)
+    assert any('pip install "${OPENMM_PIP}"' in r for r in runs)
+    # The base's own python3 when it will do (3.11.4+: tarfile's extraction filters), else
+    # deadsnakes.
+    assert any("(3, 11, 4)" in r and "ppa:deadsnakes/ppa" in r for r in runs)
     assert any(re.search(r"pip install .*/src\b", r) for r in runs)
     tailscale = [r for r in runs if "pkgs.tailscale.com" in r]
     assert len(tailscale) == 1 and '"${WITH_TAILSCALE}" = "1"' in tailscale[0]
@@ -252,7 +260,9 @@ def test_worker_dockerfile_builds_cuda_openmm_and_relaymd_from_the_context() -> 
 def test_orchestrator_dockerfile_serves_from_a_data_volume_without_openmm() -> None:
     _, instructions = dockerfile("orchestrator")
     image = next(i.args for i in instructions if i.keyword == "FROM")
-    assert re.fullmatch(r"python:\$\{PYTHON_VERSION\}-slim", image), image
+    assert image == "${BASE_IMAGE}", image
+    args = {k: v for i in instructions if i.keyword == "ARG" for k, v in assignments(i).items()}
+    assert re.fullmatch(r"python:\$\{PYTHON_VERSION\}-slim", args.get("BASE_IMAGE", "")), args
     assert not any("openmm" in i.args.lower() for i in instructions if i.keyword == "RUN")
     env = {k: v for i in instructions if i.keyword == "ENV" for k, v in assignments(i).items()}
     assert env["RELAYMD_HOME"] == "/data"
@@ -647,6 +657,79 @@ def test_salad_readme_cluster_names_the_group_and_the_workers_cluster() -> None:
     assert clusters[0]["name"] == body["container"]["environment_variables"]["RELAYMD_CLUSTER"]
     text = SALAD_README.read_text()
     assert "Salad-Api-Key" in text and "/containers" in text
+
+
+# --------------------------------------------------------------------------- deploy/images.sh
+
+def test_images_script_is_valid_strict_bash_and_shellcheck_clean() -> None:
+    syntax = subprocess.run([BASH, "-n", str(IMAGES_SCRIPT)], capture_output=True, text=True,
+                            timeout=10)
+    assert syntax.returncode == 0, syntax.stderr
+    text = IMAGES_SCRIPT.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n")
+    assert re.search(r"^set -euo pipefail$", text, re.MULTILINE)
+    assert os.access(IMAGES_SCRIPT, os.X_OK), "chmod +x deploy/images.sh"
+    shellcheck = shutil.which("shellcheck", path=TOOL_PATH)
+    if shellcheck:
+        lint = subprocess.run([shellcheck, str(IMAGES_SCRIPT)], capture_output=True, text=True,
+                              timeout=30)
+        assert lint.returncode == 0, lint.stdout
+
+
+FAKE_PODMAN = """#!{bash}
+{{ printf '%s|%s|' "$PWD" "$CONTAINERS_CONF"; for a in "$@"; do printf '%q ' "$a"; done; echo; }} \\
+    >> "$FAKE_PODMAN_LOG"
+case "$1 $2" in
+  "image inspect") echo 123456789 ;;
+esac
+exit 0
+"""
+
+
+def test_images_script_builds_both_images_from_the_tree_on_the_debian_base(tmp_path: Path) -> None:
+    """With a (fake) podman whose store has the base: the project's own podman configuration,
+    then both Dockerfiles built from the repository root on that base, the worker with the
+    lock's OpenMM as plain `openmm`, in the docker format (HEALTHCHECK, SHELL), and the names
+    written down for tests/test_images.py."""
+    bindir, state, log, bundle = tmp_path / "bin", tmp_path / "state", tmp_path / "podman.log", \
+        tmp_path / "ca.crt"
+    bindir.mkdir()
+    (bindir / "podman").write_text(FAKE_PODMAN.format(bash=BASH))
+    (bindir / "podman").chmod(0o755)
+    bundle.write_text("certificates\n")
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(tmp_path), "FAKE_PODMAN_LOG": str(log),
+           "IMAGES_STATE": str(state), "STORAGE_DRIVER": "vfs", "CA_BUNDLE": str(bundle)}
+    result = subprocess.run([BASH, str(IMAGES_SCRIPT)], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    calls = [line.split("|", 2) for line in log.read_text().splitlines()]
+    conf = str(state / "containers.conf")
+    assert all(c[1] == conf for c in calls), "podman ran without the project's containers.conf"
+    assert "default_ulimits = []" in (state / "containers.conf").read_text()
+    storage = (state / "storage.conf").read_text()
+    assert 'driver = "vfs"' in storage and f'graphroot = "{state}/storage"' in storage
+    builds = [(c[0], shlex.split(c[2])) for c in calls if c[2].startswith("build ")]
+    assert [b[1][b[1].index("-f") + 1] for b in builds] == [
+        "deploy/docker/Dockerfile.worker", "deploy/docker/Dockerfile.orchestrator"]
+    lock = re.search(r"^openmm==(\S+)$", (ROOT / "requirements.lock").read_text(),
+                     re.MULTILINE | re.IGNORECASE)
+    assert lock
+    for cwd, argv in builds:
+        assert cwd == str(ROOT) and argv[-1] == ".", "build from the repository root"
+        assert argv[1:3] == ["--format", "docker"], argv
+        assert "BASE_IMAGE=localhost/relaymd-base:trixie" in argv
+        assert f"{bundle}:/etc/ssl/certs/ca-certificates.crt:ro" in argv, "the CA bundle mount"
+    worker = builds[0][1]
+    assert f"OPENMM_PIP=openmm=={lock.group(1)}" in worker
+    assert worker[worker.index("-t") + 1] == "localhost/relaymd-worker:dev"
+    written = dict(line.split("=", 1) for line in (state / "env").read_text().splitlines())
+    assert written["WORKER_IMAGE"] == "localhost/relaymd-worker:dev"
+    assert written["ORCHESTRATOR_IMAGE"] == "localhost/relaymd-orchestrator:dev"
+    assert written["CONTAINERS_CONF"] == conf
+    assert "123 MB" in result.stdout, result.stdout
+    exports = subprocess.run([BASH, str(IMAGES_SCRIPT), "env"], env=env, capture_output=True,
+                             text=True, timeout=30)
+    assert f"export CONTAINERS_CONF={conf}" in exports.stdout.splitlines(), exports.stdout
 
 
 # --------------------------------------------------------------------------- the tmux console script
