@@ -4,12 +4,16 @@ bootstrap token."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 import click
 from rich.console import Console
+from rich.table import Table
 
 from relaymd.cli.common import call, client_of, emit_json, json_option, url_option
 from relaymd.cli.tables import clusters_table, tokens_table, workers_table
+from relaymd.client import Client
 
 
 @click.group(invoke_without_command=True)
@@ -20,14 +24,22 @@ def clusters(ctx: click.Context, url: str | None, as_json: bool) -> None:
     """List clusters: pending and active workers, and the last provisioning decision."""
     if ctx.invoked_subcommand is not None:
         return
+    _listing(ctx, url, as_json, Client.clusters, clusters_table,
+             "no clusters (add them under `clusters:` in the config file)")
+
+
+def _listing(ctx: click.Context, url: str | None, as_json: bool,
+             fetch: Callable[[Client], list[Any]], table: Callable[[list[Any]], Table],
+             empty: str) -> None:
+    """A listing command: JSON, a line saying there is nothing, or the table."""
     with client_of(ctx, url) as client:
-        listed = call(client.clusters)
+        listed = call(lambda: fetch(client))
     if as_json:
         emit_json(listed)
     elif not listed:
-        click.echo("no clusters (add them under `clusters:` in the config file)")
+        click.echo(empty)
     else:
-        Console().print(clusters_table(listed))
+        Console().print(table(listed))
 
 
 def _switch(ctx: click.Context, name: str, url: str | None, as_json: bool, on: bool) -> None:
@@ -107,11 +119,4 @@ def tokens_rotate(ctx: click.Context, cluster: str, url: str | None) -> None:
 @click.pass_context
 def workers(ctx: click.Context, url: str | None, as_json: bool) -> None:
     """List workers."""
-    with client_of(ctx, url) as client:
-        listed = call(client.workers)
-    if as_json:
-        emit_json(listed)
-    elif not listed:
-        click.echo("no workers")
-    else:
-        Console().print(workers_table(listed))
+    _listing(ctx, url, as_json, Client.workers, workers_table, "no workers")
