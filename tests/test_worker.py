@@ -698,3 +698,30 @@ def test_an_engine_finishing_while_the_orchestrator_is_down_keeps_its_result(
             why(tmp_path)
     finally:
         again.stop()
+
+
+def test_an_engine_killed_by_the_signal_that_stops_its_worker_is_handed_back_not_failed(
+        orch: RunningOrchestrator, tmp_path: Path) -> None:
+    """SLURM's scancel and time limit (and container runtimes) signal every process at once: the
+    engine may die of SIGTERM a moment before the worker's own handler runs. That is a hand-off
+    with the engine's last checkpoint, not a failure (a fresh-clone run of test_slurm saw the
+    job failed with 'engine exited with code -15')."""
+    # Under a shell that stays its parent (dash, as in the SLURM test): the shell dies of the
+    # signal at once (-15) while the engine writes its last checkpoint and exits.
+    job_id = long_job(orch, tmp_path, every=10, step_s=0.03)
+    op = orch.operator()
+    w = start_worker(orch, tmp_path)
+    before = wait_accepted(op, job_id, tmp_path)
+    group = engine_group(w)
+    assert group, why(tmp_path)
+    os.killpg(group, signal.SIGTERM)  # the engine first, as when the signal reaches it first
+    wait_for(lambda: not group_alive(group), 10, "the engine to exit on SIGTERM")
+    w.send_signal(signal.SIGTERM)
+    assert w.wait(30) == 0, f"worker exit status {w.returncode} ({why(tmp_path)})"
+    d = op.get_job(job_id)
+    kinds = [(e.kind, e.reason) for e in d.events]
+    assert d.status == "queued" and d.failures == 0, f"{d.status}, failures {d.failures}: {kinds}"
+    release = [e for e in d.events if e.kind == "release"]
+    assert [e.reason for e in release] == ["signal SIGTERM"], kinds
+    assert release[0].seq is not None and release[0].seq > (before.latest_checkpoint or 0), \
+        f"released with checkpoint {release[0].seq}, not the engine's last ({kinds})"

@@ -45,6 +45,9 @@ from relaymd.worker.transfer import JobFiles, PrepareError
 log = logging.getLogger("relaymd.worker")
 LOW_DISK = 64 << 20  # bytes free below which a failure is blamed on the disk too
 STOP_GRACE = 10.0  # for a cancelled job or a lost lease: nobody waits for its checkpoint
+# An engine killed by SIGTERM, SIGINT or SIGHUP (directly, or under a shell: 128 + signal).
+TERMINATION_CODES = frozenset({-15, -2, -1, 143, 130, 129})
+SIGNAL_RACE = 2.0  # how long such an engine's exit waits for the worker's own signal
 SETTLE_LOOKS = 5  # looks, `settle_seconds` apart, before a moving set waits for the next poll
 
 
@@ -301,10 +304,24 @@ class Worker:
                 await self.settle("release", run, reason="final checkpoint could not be shipped")
                 return
             await self.settle("complete", run, checkpoint=report)
+        elif await self.stopped_with_the_worker(code):
+            log.info("engine stopped by the signal that stops the worker",
+                     extra={"job_id": run.job_id, "exit_code": code})
+            await self.hand_back(run, watcher, newer_than=None)
         else:
             await self.settle("fail", run, exit_code=code,
                               reason=f"engine exited with code {code}{self.disk_note()}",
                               log_tail=self.redactor.redact(engine.tail()))
+
+    async def stopped_with_the_worker(self, code: int) -> bool:
+        """Did the engine die of the signal that is stopping this worker too? SLURM (scancel,
+        the time limit) and container runtimes signal every process at once, so the engine may
+        exit a moment before the worker's own handler runs: that is a hand-off, not a failure."""
+        if code not in TERMINATION_CODES:
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.shutting_down.wait(), SIGNAL_RACE)
+        return self.shutting_down.is_set()
 
     async def end_stopped(self, run: JobRun, watcher: Watcher, engine: Engine) -> None:
         reason = run.stop_reason
@@ -315,8 +332,12 @@ class Worker:
         baseline = watcher.baseline()  # before the engine is asked to write its last one
         code = await engine.stop(self.settings.shutdown_wait)
         log.info("engine stopped for hand-off", extra={"job_id": run.job_id, "exit_code": code})
-        report, _ = await self.final_checkpoint(run, watcher, newer_than=baseline)
         # Whatever the engine's exit code after our SIGTERM, this is a hand-off, not a failure.
+        await self.hand_back(run, watcher, newer_than=baseline)
+
+    async def hand_back(self, run: JobRun, watcher: Watcher, newer_than: int | None) -> None:
+        """Ship the engine's last checkpoint (newer than `newer_than`, if given) and release."""
+        report, _ = await self.final_checkpoint(run, watcher, newer_than=newer_than)
         await self.settle("release", run, checkpoint=report, reason=self.shutdown_reason
                           or "worker handing back")
 
