@@ -90,10 +90,14 @@ class CheckpointSpec(Strict):
     @field_validator("paths")
     @classmethod
     def _relative_globs(cls, paths: list[str]) -> list[str]:
-        for p in paths:
-            if not p or p.startswith("/") or ".." in p.split("/"):
-                raise ValueError(f"checkpoint path {p!r} must be a relative glob inside the job dir")
-        return paths
+        return relative_globs("checkpoint path", paths)
+
+
+def relative_globs(what: str, paths: list[str]) -> list[str]:
+    for p in paths:
+        if not p or p.startswith("/") or ".." in p.split("/"):
+            raise ValueError(f"{what} {p!r} must be a relative glob inside the job dir")
+    return paths
 
 
 class ResourceSpec(Strict):
@@ -106,6 +110,9 @@ class BundleSpec(Strict):
 
     command: str = Field(min_length=1)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    # Result files (globs) streamed to storage as they grow, never restored on resume: each
+    # attempt's engine appends to fresh ones; `relaymd results` stitches them.
+    outputs: list[str] = Field(default_factory=list, max_length=100)
     progress: str | None = None
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     max_attempts: int = Field(default=3, ge=1, le=1000)
@@ -114,6 +121,11 @@ class BundleSpec(Strict):
     trusted_only: bool = False
     # More environment for the engine (it sees only an allow-list of the worker's own).
     env: dict[str, str] = Field(default_factory=dict, max_length=200)
+
+    @field_validator("outputs")
+    @classmethod
+    def _output_globs(cls, paths: list[str]) -> list[str]:
+        return relative_globs("output path", paths)
 
     @field_validator("env")
     @classmethod

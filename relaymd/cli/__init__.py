@@ -36,7 +36,7 @@ def main(ctx: click.Context, config: Path | None) -> None:
 for command in (run.console, run.serve, run.worker,
                 offline.config, offline.example,
                 jobs.submit, jobs.jobs, jobs.job, jobs.cancel, jobs.requeue, jobs.checkpoints,
-                jobs.purge,
+                jobs.purge, jobs.results,
                 fleet.workers, fleet.clusters, fleet.tokens):
     main.add_command(command)
 del command

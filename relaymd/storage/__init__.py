@@ -38,6 +38,9 @@ __all__ = [
     "log_key",
     "manifest_key",
     "open_storage",
+    "output_index_key",
+    "output_part_key",
+    "outputs_prefix",
     "validate_key",
     "validate_prefix",
 ]
@@ -78,6 +81,25 @@ def manifest_key(job_id: str, seq: int) -> str:
 def log_key(job_id: str, attempt: int) -> str:
     attempt = _non_negative("attempt", attempt)
     return validate_key(f"{job_prefix(job_id)}logs/attempt-{attempt}.log.gz")
+
+
+def outputs_prefix(job_id: str) -> str:
+    return validate_prefix(f"{job_prefix(job_id)}outputs/")
+
+
+def output_index_key(job_id: str, attempt: int) -> str:
+    """One attempt's index of its output parts (offsets, sizes, sha256) and resume point."""
+    attempt = _non_negative("attempt", attempt)
+    return validate_key(f"{outputs_prefix(job_id)}attempt-{attempt}.json")
+
+
+def output_part_key(job_id: str, attempt: int, path: str, part: int) -> str:
+    """Part `part` of output file `path` (relative to the job dir) of one attempt."""
+    attempt = _non_negative("attempt", attempt)
+    part = _non_negative("output part", part)
+    if not path or path.startswith("/") or ".." in path.split("/"):
+        raise ValueError(f"invalid output path {path!r} for a storage key")
+    return validate_key(f"{outputs_prefix(job_id)}attempt-{attempt}/{path}/part-{part:06d}")
 
 
 def open_storage(url: str, s3: S3Options | None = None) -> Storage:

@@ -39,6 +39,7 @@ from relaymd.worker.checkpoint import Signature, Watcher
 from relaymd.worker.engine import Engine
 from relaymd.worker.gateway import Gateway
 from relaymd.worker.hardware import detect_gpus, hostname, slurm_end_time
+from relaymd.worker.outputs import OutputStream
 from relaymd.worker.tailscale import join_tailnet
 from relaymd.worker.transfer import JobFiles, PrepareError
 
@@ -57,6 +58,7 @@ class JobRun:
     job_dir: Path
     stop_reason: str | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    outputs: OutputStream | None = None  # the job's `outputs:`, streamed as they grow
 
     @property
     def job_id(self) -> str:
@@ -236,11 +238,14 @@ class Worker:
                                         "resume_from": a.checkpoint_key})
         try:
             try:
-                await self.files.prepare(a, job_dir)
+                resumed = await self.files.prepare(a, job_dir)
             except PrepareError as exc:
                 log.error("%s", exc)
                 await self.settle("fail", run, exit_code=None, reason=str(exc), log_tail="")
                 return
+            if job.spec.outputs:
+                run.outputs = OutputStream(job.id, a.attempt, job_dir, job.spec.outputs,
+                                           self.storage, self.gateway, work, resumed)
             if run.stopped.is_set():  # told to go while preparing: hand it straight back
                 await self.settle("release", run, reason=self.shutdown_reason or "worker stopping")
                 return
@@ -295,6 +300,9 @@ class Worker:
             # hand-in itself (an orchestrator restarting is no reason to lose the result).
             report, unshipped = await self.final_checkpoint(run, watcher, None,
                                                             self.settle_patience())
+            if run.outputs is not None and not unshipped:  # the completing attempt: whole
+                unshipped = not await run.outputs.ship_rest(final=True,
+                                                            patience=self.settle_patience())
             if unshipped:
                 # The engine's final state is only on this node: completing now would record a
                 # job whose result nobody can fetch. Hand it back instead; the next attempt
@@ -338,6 +346,8 @@ class Worker:
     async def hand_back(self, run: JobRun, watcher: Watcher, newer_than: int | None) -> None:
         """Ship the engine's last checkpoint (newer than `newer_than`, if given) and release."""
         report, _ = await self.final_checkpoint(run, watcher, newer_than=newer_than)
+        if run.outputs is not None:  # past the checkpoint: cut off when stitched, kept to see
+            await run.outputs.ship_rest(final=False, patience=self.settle_patience())
         await self.settle("release", run, checkpoint=report, reason=self.shutdown_reason
                           or "worker handing back")
 
@@ -399,7 +409,8 @@ class Worker:
         try:
             return await self.files.pack_and_upload(run.job_id, run.attempt, watcher, sig,
                                                     reserved, self.worker_id,
-                                                    self.read_progress(run))
+                                                    self.read_progress(run), run.outputs,
+                                                    patience or 600)
         except OSError as exc:  # ENOSPC and friends on the worker's own disk: not fatal
             log.error("checkpoint %s not packed: %s (is %s full?); the last accepted checkpoint "
                       "stands", reserved.seq, exc, self.settings.workdir,

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from relaymd.client import ApiError, Client
 from relaymd.models import Assignment, CheckpointReport, CheckpointReserved, Progress
@@ -24,6 +25,7 @@ from relaymd.storage.checkpoints import extract_checkpoint, manifest_files
 from relaymd.worker.checkpoint import IncompleteCheckpoint, Signature, Watcher
 from relaymd.worker.engine import Engine
 from relaymd.worker.gateway import Gateway
+from relaymd.worker.outputs import OutputStream, remove_outputs
 
 log = logging.getLogger("relaymd.worker")
 RESTORE_MARGIN = 1 << 20  # bytes a checkpoint may unpack past its manifest's sum (plus 1%)
@@ -44,7 +46,9 @@ class JobFiles:
         self.redactor = redactor
         self.time = clock
 
-    async def prepare(self, a: Assignment, job_dir: Path) -> None:
+    async def prepare(self, a: Assignment, job_dir: Path) -> dict[str, Any] | None:
+        """Bundle and checkpoint in; the checkpoint resumed from (seq, attempt and the output
+        lengths its manifest recorded), None for a fresh start."""
         job = a.job
         with tempfile.TemporaryDirectory(dir=self.workdir) as tmp:
             bundle = Path(tmp) / "bundle.tar.gz"
@@ -55,11 +59,13 @@ class JobFiles:
                 await asyncio.to_thread(extract_bundle, bundle, job_dir)
             except (BundleError, Exception) as exc:  # any cause: reported, never a crash
                 raise PrepareError(f"cannot prepare bundle {a.bundle_key}: {exc}") from None
-            if a.checkpoint_key is None:
-                return
-            await self.restore(a, job_dir, Path(tmp) / "checkpoint.tar.gz")
+            resumed = None
+            if a.checkpoint_key is not None:
+                resumed = await self.restore(a, job_dir, Path(tmp) / "checkpoint.tar.gz")
+            remove_outputs(job_dir, job.spec.outputs)
+            return resumed
 
-    async def restore(self, a: Assignment, job_dir: Path, ckpt: Path) -> None:
+    async def restore(self, a: Assignment, job_dir: Path, ckpt: Path) -> dict[str, Any]:
         """Unpack the newest accepted checkpoint; one that is corrupt in storage (sha256
         mismatch, gone, not a valid archive) or hostile (anything but files the job's
         checkpoint globs name, bigger than its manifest says) is reported and the next older one
@@ -73,7 +79,7 @@ class JobFiles:
             try:
                 await self.gateway.call("download checkpoint", self.storage.get_file, key, ckpt,
                                         expected_sha256=sha, give_up_after=300)
-                limit = await self.restore_limit(a.job.id, seq, job_dir)
+                limit, manifest = await self.restore_limit(a.job.id, seq, job_dir)
                 staging = ckpt.with_name(f"restore-{seq}")
                 await asyncio.to_thread(extract_checkpoint, ckpt, job_dir, staging, spec.paths,
                                         spec.sentinel, limit)
@@ -95,34 +101,42 @@ class JobFiles:
             if rejected:
                 log.warning("resumed from older checkpoint %s (newer unusable: %s)", key,
                             ", ".join(rejected), extra={"job_id": a.job.id})
-            return
+            return {"seq": seq, "attempt": manifest.get("attempt"),
+                    "outputs": manifest.get("outputs")}
         raise PrepareError(f"no usable checkpoint for job {a.job.id[:8]} (unusable: "
                            f"{', '.join(rejected)}); refusing to start it from scratch")
 
-    async def restore_limit(self, job_id: str, seq: int | None, job_dir: Path) -> int:
+    async def restore_limit(self, job_id: str, seq: int | None,
+                            job_dir: Path) -> tuple[int, dict[str, Any]]:
         """How many bytes a checkpoint may unpack to: what its manifest declares plus a margin
         (tar headers, a file grown between the look and the pack), and never more than the
-        disk holds. Without a readable manifest, the disk alone bounds it."""
+        disk holds. Without a readable manifest, the disk alone bounds it. Also the manifest
+        ({} without one)."""
         free = shutil.disk_usage(job_dir).free - RESTORE_DISK_RESERVE
         if seq is None:
-            return free
+            return free, {}
         try:
             raw = await self.gateway.call("download manifest", self.storage.get_bytes,
                                           manifest_key(job_id, seq), give_up_after=60)
             declared = sum(manifest_files(raw).values())
+            manifest = json.loads(raw)
         except ObjectNotFound:
             log.warning("checkpoint %d of job %s has no manifest; bounding it by the free disk",
                         seq, job_id[:8])
-            return free
+            return free, {}
         except ValueError as exc:
             raise BundleError(f"checkpoint {seq} has an unreadable manifest: {exc}") from None
-        return min(declared + RESTORE_MARGIN + declared // 100, free)
+        return min(declared + RESTORE_MARGIN + declared // 100, free), manifest
 
     async def pack_and_upload(self, job_id: str, attempt: int, watcher: Watcher, sig: Signature,
                               reserved: CheckpointReserved, worker_id: str,
-                              progress: Progress | None) -> CheckpointReport | None:
+                              progress: Progress | None, outputs: OutputStream | None = None,
+                              patience: float = 600) -> CheckpointReport | None:
         """Pack the checkpoint set `sig` and upload it with its manifest under the reserved
-        keys; None (logged) when the set moved meanwhile or storage would not take it."""
+        keys; None (logged) when the set moved meanwhile or storage would not take it. The
+        outputs' lengths are taken first, so they never run past the checkpoint, and their new
+        bytes are shipped before the checkpoint: an accepted manifest's lengths are in storage."""
+        lengths = outputs.lengths() if outputs is not None else None
         with tempfile.TemporaryDirectory(dir=self.workdir) as tmp:
             try:
                 packed = await asyncio.to_thread(watcher.pack, sig, Path(tmp) / "ckpt.tar.gz")
@@ -135,7 +149,11 @@ class JobFiles:
                 "time": self.time(), "files": packed.files,
                 "progress": progress.model_dump() if progress else None,
             }
+            if lengths is not None:
+                manifest["outputs"] = lengths
             try:
+                if outputs is not None and lengths is not None:
+                    await outputs.ship(lengths, patience=patience)
                 await self.gateway.call("upload checkpoint", self.storage.put_file, reserved.key,
                                         packed.path, overwrite=True, give_up_after=600)
                 await self.gateway.call("upload manifest", self.storage.put_bytes,
