@@ -3,10 +3,8 @@ results`, across kill -9 and SIGTERM hand-offs."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import signal
 import struct
 import sys
@@ -32,12 +30,10 @@ from relaymd.storage.local import LocalStorage
 from .conftest import RunningOrchestrator, make_settings, s3_settings
 from .test_cli import clean_env
 from .test_worker import (
-    _STARTED,
     POLLING,
-    all_pids,
+    end_started,
     engine_group,
     kill_node,
-    proc_stat,
     start_worker,
     wait_accepted,
     wait_for,
@@ -118,30 +114,7 @@ def orch(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RunningOrch
 def cleanup(orch: RunningOrchestrator, tmp_path: Path) -> Iterator[RunningOrchestrator]:
     """As test_worker's: end every worker started here and every engine in tmp_path."""
     yield orch
-    groups: set[int] = set()
-    for proc, log in _STARTED:
-        group = engine_group(proc)
-        if group:
-            groups.add(group)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGCONT)
-            proc.kill()
-            proc.wait(10)
-        log.close()
-    _STARTED.clear()
-    root = str(tmp_path.resolve())
-    for pid in all_pids():
-        try:
-            cwd = os.readlink(f"/proc/{pid}/cwd")
-        except OSError:
-            continue
-        st = proc_stat(pid)
-        if st and cwd.startswith(root) and st[2] != os.getpgrp():
-            groups.add(st[2])
-    for group in groups:
-        for sig in (signal.SIGKILL, signal.SIGCONT):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(group, sig)
+    end_started(tmp_path)
 
 
 def submit_streamer(orch: RunningOrchestrator, tmp_path: Path, total: int, every: int,

@@ -54,9 +54,13 @@ def orch(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RunningOrch
 
 @pytest.fixture(autouse=True)
 def no_leftover_processes(orch: RunningOrchestrator, tmp_path: Path) -> Iterator[None]:
+    yield
+    end_started(tmp_path)
+
+
+def end_started(tmp_path: Path) -> None:
     """End every worker this test started and every engine running in its directories (a
     worker killed with -9 leaves its engine behind, in its own session)."""
-    yield
     groups: set[int] = set()
     for proc, log in _STARTED:
         group = engine_group(proc)  # before the worker dies and its engine is reparented
