@@ -27,7 +27,8 @@ from relaymd.storage import (
 from relaymd.storage.bundle import pack_directory
 from relaymd.storage.local import LocalStorage
 
-from .conftest import RunningOrchestrator, make_settings, s3_settings
+from . import test_worker
+from .conftest import RunningOrchestrator
 from .test_cli import clean_env
 from .test_worker import (
     POLLING,
@@ -40,6 +41,7 @@ from .test_worker import (
     why,
 )
 
+orch = test_worker.orch  # the worker tests' fixture: each test on file:// and on S3
 A, M = 1103515245, 2**31
 RECORD = struct.Struct("<QQ16s")  # an XTC-like frame: fixed size, one per step
 
@@ -95,19 +97,6 @@ def expected_outputs(total: int) -> dict[str, bytes]:
         traj.append(RECORD.pack(n + 1, x, hashlib.sha256(str(x).encode()).digest()[:16]))
         log.append(f"step {n + 1} x={x}\n")
     return {"traj.bin": b"".join(traj), "md.log": "".join(log).encode()}
-
-
-@pytest.fixture(params=["file", "s3"])
-def orch(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RunningOrchestrator]:
-    timing = {"heartbeat_interval": 0.3, "heartbeat_timeout": 2.0}
-    if request.param == "s3":
-        settings = s3_settings(request.getfixturevalue("moto_server"), tmp_path / "home", **timing)
-    else:
-        settings = make_settings(tmp_path / "home", **timing)
-    settings.reap_interval = 0.3
-    running = RunningOrchestrator(settings).start()
-    yield running
-    running.stop()
 
 
 @pytest.fixture
