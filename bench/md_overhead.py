@@ -351,7 +351,7 @@ class Bench:
                         files[name] = member.read()
             read_final_state(files, run, self.steps)
             # progress.json changes only when the runner writes a checkpoint: sets with the same
-            # progress re-sent the same checkpoint with a newer energies.csv
+            # progress are re-sends of an unchanged state
             distinct = len({c.progress.done for c in d.checkpoint_list if c.progress})
             run.uploads = len(d.checkpoint_list)
             run.notes.append(f"checkpoints uploaded: {len(d.checkpoint_list)} ({distinct} distinct)")

@@ -6,7 +6,8 @@ lengths the resumed checkpoint's manifest recorded. So the result is found from 
 completing attempt whole (or, for an unfinished job, its newest accepted checkpoint's lengths),
 preceded by the attempt it resumed from, cut at the resumed checkpoint's lengths, and so on back
 to the attempt that started fresh. Attempts that nobody resumed from, and bytes past a cut, are
-redone work and are left out. Every part's sha256 is checked.
+redone work and are left out. Every part's sha256 is checked. The newest accepted checkpoint set
+comes with them (the state to continue from, or the final one), sha256 checked too.
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from relaymd.storage import ObjectNotFound, Storage, output_index_key, output_part_key
+from relaymd.models import JobDetail, JobStatus
+from relaymd.storage import (
+    ObjectNotFound,
+    Storage,
+    manifest_key,
+    output_index_key,
+    output_part_key,
+)
+from relaymd.storage.bundle import BundleError, extract_bundle
 
 
 class StitchError(Exception):
@@ -160,4 +169,48 @@ def gather(storage: Storage, job_id: str, attempts: int) -> dict[int, dict[str, 
     return found
 
 
-__all__ = ["Segment", "StitchError", "Stitched", "gather", "lineage", "stitch"]
+def fetch_results(storage: Storage, detail: JobDetail, dest: Path) -> dict[str, Any]:
+    """Everything a job has produced, into dest: its outputs stitched (a completed job's whole,
+    an unfinished one's up to its newest accepted checkpoint) and that checkpoint set extracted
+    into dest/checkpoint-SEQ/. Returns the summary `relaymd results` prints."""
+    kept = detail.checkpoint_list
+    newest = kept[-1] if kept else None
+    done = detail.status == JobStatus.completed
+    if not detail.spec.outputs and newest is None:
+        raise StitchError("it declares no outputs (`outputs:` in its relaymd.yaml) and has no "
+                          "accepted checkpoint yet: nothing to fetch")
+    summary: dict[str, Any] = {"job_id": detail.id, "dir": str(dest.resolve()), "complete": done,
+                               "status": str(detail.status), "files": {}, "attempts": [],
+                               "discarded_bytes": 0, "checkpoint": None}
+    if detail.spec.outputs:
+        if done:
+            last, cut = detail.attempt, None
+        elif newest is not None:
+            manifest = json.loads(storage.get_bytes(manifest_key(detail.id, newest.seq)))
+            last, cut = int(manifest["attempt"]), dict(manifest.get("outputs") or {})
+        else:
+            raise StitchError("it has no accepted checkpoint yet: no outputs to fetch")
+        chain = lineage(storage, detail.id, last, cut)
+        stitched = stitch(storage, detail.id, chain, dest, gather(storage, detail.id,
+                                                                  detail.attempt))
+        summary.update(files=stitched.files, attempts=stitched.attempts,
+                       discarded_bytes=stitched.discarded)
+    if newest is not None:
+        where = dest / f"checkpoint-{newest.seq}"
+        if where.name in {Path(p).parts[0] for p in summary["files"]}:
+            raise StitchError(f"an output is named {where.name}/, where the checkpoint goes")
+        with tempfile.TemporaryDirectory(prefix="relaymd-results-") as tmp:
+            archive = Path(tmp) / "checkpoint.tar.gz"
+            storage.get_file(newest.key, archive, expected_sha256=newest.sha256)
+            try:
+                info = extract_bundle(archive, where)
+            except BundleError as exc:
+                raise StitchError(f"checkpoint {newest.seq}: {exc}") from None
+        files = sorted(str(p.relative_to(where)) for p in where.rglob("*") if p.is_file())
+        summary["checkpoint"] = {"seq": newest.seq, "dir": str(where.resolve()),
+                                 "files": files, "members": info.members,
+                                 "sha256": newest.sha256}
+    return summary
+
+
+__all__ = ["Segment", "StitchError", "Stitched", "fetch_results", "gather", "lineage", "stitch"]

@@ -29,8 +29,10 @@ from relaymd.engines.openmm.runner import (  # noqa: E402
     CHECKPOINT_FILES,
     ENERGY_HEADER,
     EXIT_INTERRUPTED,
+    OUTPUT_FILES,
 )
 from relaymd.models import CheckpointInfo, JobCreate  # noqa: E402
+from relaymd.results import fetch_results  # noqa: E402
 from relaymd.storage.bundle import pack_directory  # noqa: E402
 
 from . import test_worker  # noqa: E402
@@ -68,20 +70,25 @@ def example(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, A
     assert yaml.safe_load((dest / "relaymd.yaml").read_text()) == spec
     command = str(spec["command"])
     assert command.startswith(RUNNER + " "), f"example command {command!r}"
-    for flag in ("--ns 0.01", "--platform CPU", "--checkpoint-seconds 600", "--report-steps "):
+    for flag in ("--ns 0.01", "--platform CPU", "--checkpoint-seconds 600", "--report-steps ",
+                 "--trajectory-steps "):
         assert flag in command, f"example command {command!r} lacks {flag!r}"
     assert spec["checkpoint"]["sentinel"] == "checkpoint.json", spec["checkpoint"]
     assert spec["checkpoint"]["paths"] == CHECKPOINT_FILES, spec["checkpoint"]
+    assert spec["outputs"] == OUTPUT_FILES == ["energies.csv", "trajectory.xtc"], spec
     return dest, spec
 
 
 def runner_args(spec: dict[str, Any], steps: int, every: int, report: int) -> list[str]:
     """The example's own command line with a step count instead of ns, a step-driven checkpoint
-    interval, a short report interval and one CPU thread; without the leading `python -m ...`."""
+    interval, a short report interval (a frame every two reports) and one CPU thread; without
+    the leading `python -m ...`."""
     command = str(spec["command"])
     changed = re.sub(r"--ns \S+", f"--steps {steps}", command)
     changed = re.sub(r"--report-steps \d+", f"--report-steps {report}", changed)
+    changed = re.sub(r"--trajectory-steps \d+", f"--trajectory-steps {2 * report}", changed)
     assert changed.count("--steps ") == 1 and f"--report-steps {report}" in changed, changed
+    assert f"--trajectory-steps {2 * report}" in changed, changed
     args = shlex.split(changed)[len(RUNNER.split()):]
     return [*args, "--checkpoint-steps", str(every), "--threads", "1"]
 
@@ -239,8 +246,29 @@ def assert_final(files: dict[str, str], example: tuple[Path, dict[str, Any]], to
 
 
 def read_files(workdir: Path) -> dict[str, str]:
-    return {name: (workdir / name).read_text() for name in CHECKPOINT_FILES if name.endswith(
-        (".xml", ".json", ".csv"))}
+    return {name: (workdir / name).read_text() for name in [*CHECKPOINT_FILES, *OUTPUT_FILES]
+            if name.endswith((".xml", ".json", ".csv"))}
+
+
+def frame_steps(xtc: Path, atoms: int) -> list[int]:
+    """The step of every frame in an XTC file (each read whole: a torn frame fails here)."""
+    from openmm.app.internal.xtc_utils import read_xtc
+
+    coords, _box, time_ps, steps = read_xtc(str(xtc).encode())
+    assert coords.shape[0] == atoms, f"{xtc.name}: frames of {coords.shape[0]} atoms, want {atoms}"
+    assert all(abs(t - s * DT_PS) < 1e-3 for t, s in zip(time_ps, steps, strict=True)), \
+        f"{xtc.name}: frame times {list(time_ps)[:4]} disagree with steps {list(steps)[:4]}"
+    return [int(s) for s in steps]
+
+
+def assert_frames(xtc: Path, atoms: int, upto: int, every: int) -> None:
+    got = frame_steps(xtc, atoms)
+    assert got == list(range(every, upto + 1, every)), \
+        f"{xtc.name} frames at steps {got[:4]}..{got[-3:]}: want {every}..{upto} every {every}"
+
+
+def atoms_of(example: tuple[Path, dict[str, Any]]) -> int:
+    return state_xml((example[0] / "state.xml").read_text())[2]
 
 
 def resumed_at(output: str) -> list[int]:
@@ -284,6 +312,45 @@ def test_sigterm_writes_a_checkpoint_exits_75_and_a_rerun_finishes_exactly(
     assert "from the binary checkpoint" in again.stdout, said(again)
     assert f"finished {total} steps" in again.stdout, said(again)
     assert_final(read_files(work), example, total, report)
+    assert_frames(work / "trajectory.xtc", atoms_of(example), total, 2 * report)
+
+
+def test_a_resume_in_a_fresh_directory_continues_the_outputs_exactly(
+        example: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    """As under RelayMD: the next attempt gets the inputs and the checkpoint set, not the
+    outputs; its energies.csv and trajectory.xtc start where the first attempt's stop, so the
+    two concatenated are one continuous log and one valid trajectory."""
+    total, every, report = 1000, 200, 50
+    first = job_copy(example, tmp_path / "first")
+    args = runner_args(example[1], total, every, report)
+    proc = start_runner(first, args)
+    try:
+        wait_for(lambda: (first / "checkpoint.json").exists() or proc.poll() is not None, 30,
+                 "the runner's first periodic checkpoint")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == EXIT_INTERRUPTED, f"exit {proc.returncode}: {out}"
+    stopped = json.loads((first / "checkpoint.json").read_text())["step"]
+    assert 0 < stopped < total, f"stopped at {stopped}"
+    second = job_copy(example, tmp_path / "second")
+    for name in CHECKPOINT_FILES:
+        shutil.copy2(first / name, second / name)
+    again = run_runner(second, args)
+    assert again.returncode == 0 and resumed_at(again.stdout) == [stopped], said(again)
+    assert not (second / "energies.csv").read_text().startswith("step,"), \
+        "the continuation repeats the header"
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    for name in OUTPUT_FILES:
+        (whole / name).write_bytes((first / name).read_bytes() + (second / name).read_bytes())
+    (whole / "checkpoint.json").write_text((second / "checkpoint.json").read_text())
+    files = {**read_files(second), "energies.csv": (whole / "energies.csv").read_text()}
+    assert_final(files, example, total, report)
+    assert_frames(whole / "trajectory.xtc", atoms_of(example), total, 2 * report)
 
 
 def test_a_crash_after_a_checkpoint_redoes_only_the_lost_steps_once(
@@ -303,6 +370,7 @@ def test_a_crash_after_a_checkpoint_redoes_only_the_lost_steps_once(
         lost = wait_for(lambda: proc.poll() is None and freeze_past_checkpoint(
             proc.pid, log, first, every), 20, "records past the first checkpoint")
         on_disk = energies((work / "energies.csv").read_text())
+        frames = frame_steps(work / "trajectory.xtc", atoms_of(example))
         ckpt = json.loads((work / "checkpoint.json").read_text())["step"]
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
@@ -316,6 +384,9 @@ def test_a_crash_after_a_checkpoint_redoes_only_the_lost_steps_once(
     assert on_disk and on_disk[-1][0] == ckpt, \
         f"energies.csv ends at step {on_disk[-1][0] if on_disk else None}, the checkpoint is at " \
         f"{ckpt}: records must reach the file only with a checkpoint (the watcher needs it still)"
+    assert frames and frames[-1] == ckpt // (2 * report) * (2 * report), \
+        f"trajectory.xtc ends at step {frames[-1:]}, the checkpoint is at {ckpt}: frames too " \
+        "must reach the file only with a checkpoint"
 
     again = run_runner(work, args)
     assert again.returncode == 0, f"the rerun failed: {said(again)}"
@@ -509,6 +580,15 @@ def test_a_job_whose_node_dies_resumes_on_a_new_worker_to_exactly_its_total(
     assert resumed_at(log2) == [resume] and "from the binary checkpoint" in log2, \
         f"attempt 2 did not resume from the accepted checkpoint at {resume}: {log2[-400:]!r}"
     assert f"finished {total} steps" in log2, log2[-400:]
+    # The outputs as `relaymd results` stitches them: attempt 1's up to the resume point, then
+    # attempt 2's; one continuous energy log and trajectory, as if never interrupted.
+    results = tmp_path / "results"
+    summary = fetch_results(orch.settings.open_storage(), d, results)
+    assert summary["attempts"] == [1, 2], summary
+    assert set(summary["files"]) == set(OUTPUT_FILES), summary
     final = checkpoint_files(orch, latest(d), tmp_path)
-    rows = assert_final(final, example, total, report)
+    assert "energies.csv" not in final, "the energy log was shipped with the checkpoint"
+    rows = assert_final({**final, "energies.csv": (results / "energies.csv").read_text()},
+                        example, total, report)
     assert_same_trajectory(lost, rows, resume)
+    assert_frames(results / "trajectory.xtc", atoms_of(example), total, 2 * report)

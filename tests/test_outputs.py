@@ -196,6 +196,12 @@ def test_outputs_survive_kill_9_and_hand_off_byte_identical(cleanup: RunningOrch
             f"{rel}: {len(got)} bytes stitched, {len(data)} expected (differ from byte {first})"
     assert summary["files"] == {rel: len(data) for rel, data in want.items()}
     assert summary["attempts"] == [1, 2, 3, 4], summary
+    # With them, the final checkpoint set: the engine's state at its end.
+    final = d.checkpoint_list[-1]
+    ckpt = summary["checkpoint"]
+    assert ckpt and ckpt["seq"] == final.seq and ckpt["files"] == ["state.json"], summary
+    state = json.loads((dest / f"checkpoint-{final.seq}" / "state.json").read_text())
+    assert state["n"] == total, f"the final checkpoint is at step {state['n']}, not {total}"
     # Every attempt's stored bytes are its own, once: what it kept plus what was redone.
     assert sum(stored_bytes(orch, job_id).values()) == \
         sum(map(len, want.values())) + summary["discarded_bytes"]
@@ -203,8 +209,8 @@ def test_outputs_survive_kill_9_and_hand_off_byte_identical(cleanup: RunningOrch
     again = results_cli(orch, job_id, dest)
     assert again.returncode == 1 and "not an empty directory" in again.stderr, again.stderr
     human = results_cli(orch, job_id, tmp_path / "human")
-    assert human.returncode == 0 and "attempts stitched: 1, 2, 3, 4" in human.stdout, \
-        human.stdout + human.stderr
+    assert human.returncode == 0 and "attempts stitched: 1, 2, 3, 4" in human.stdout \
+        and f"checkpoint {final.seq} (1 file)" in human.stdout, human.stdout + human.stderr
 
 
 def test_outputs_are_shipped_once_not_whole_at_each_checkpoint(cleanup: RunningOrchestrator,

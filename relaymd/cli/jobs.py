@@ -263,41 +263,35 @@ def purge(ctx: click.Context, job_ref: str, yes: bool, url: str | None, as_json:
 @click.pass_context
 def results(ctx: click.Context, job_ref: str, dest: Path | None, url: str | None,
             as_json: bool) -> None:
-    """Download a job's outputs into DEST (default ./JOBID-results/), every attempt's share
-    stitched exactly (sha256 checked): redone work past a resume point is left out."""
-    from relaymd.results import StitchError, gather, lineage, stitch
-    from relaymd.storage import StorageError, manifest_key
+    """Download a job's results into DEST (default ./JOBID-results/): its outputs, every
+    attempt's share stitched exactly (redone work past a resume point is left out), and its
+    final (or newest) checkpoint set in DEST/checkpoint-SEQ/; sha256 checked throughout."""
+    from relaymd.results import StitchError, fetch_results
+    from relaymd.storage import StorageError
 
     with client_of(ctx, url) as client:
         detail = call(lambda: client.get_job(job_ref))
-    if not detail.spec.outputs:
-        die(f"job {detail.id[:8]} declares no outputs (`outputs:` in its relaymd.yaml)")
     dest = dest or Path(f"{detail.id[:12]}-results")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         die(f"{dest} exists and is not an empty directory; name another DIR")
-    storage = settings_of(ctx).open_storage()
     try:
-        if detail.status == JobStatus.completed:
-            last, cut = detail.attempt, None
-        elif detail.checkpoint_list:  # unfinished: up to its newest accepted checkpoint
-            newest = json.loads(storage.get_bytes(manifest_key(detail.id,
-                                                               detail.checkpoint_list[-1].seq)))
-            last, cut = int(newest["attempt"]), dict(newest.get("outputs") or {})
-        else:
-            die(f"job {detail.id[:8]} has no accepted checkpoint yet: no outputs to fetch")
-        chain = lineage(storage, detail.id, last, cut)
-        done = stitch(storage, detail.id, chain, dest, gather(storage, detail.id, detail.attempt))
+        summary = fetch_results(settings_of(ctx).open_storage(), detail, dest)
     except (StorageError, StitchError, ValueError, KeyError) as exc:
-        die(f"outputs of job {detail.id[:8]}: {exc}")
-    summary = {"job_id": detail.id, "dir": str(dest.resolve()), "complete":
-               detail.status == JobStatus.completed, "files": done.files,
-               "attempts": done.attempts, "discarded_bytes": done.discarded}
+        die(f"results of job {detail.id[:8]}: {exc}")
     if as_json:
         click.echo(json.dumps(summary))
         return
-    state = "" if summary["complete"] else f" (job {detail.status}: up to its newest checkpoint)"
-    click.echo(f"outputs of job {detail.id[:8]} into {dest}/{state}")
-    for rel, size in done.files.items():
+    state = "" if summary["complete"] else \
+        f" (job {detail.status}: up to its newest accepted checkpoint)"
+    click.echo(f"results of job {detail.id[:8]} into {dest}/{state}")
+    for rel, size in summary["files"].items():
         click.echo(f"  {rel}  {size} bytes")
-    click.echo(f"  attempts stitched: {', '.join(map(str, done.attempts))}; "
-               f"{done.discarded} bytes of redone work left out; sha256 verified")
+    if summary["files"]:
+        click.echo(f"  attempts stitched: {', '.join(map(str, summary['attempts']))}; "
+                   f"{summary['discarded_bytes']} bytes of redone work left out")
+    ckpt = summary["checkpoint"]
+    if ckpt:
+        n = len(ckpt["files"])
+        click.echo(f"  checkpoint {ckpt['seq']} ({n} file{'' if n == 1 else 's'}) in "
+                   f"{dest}/checkpoint-{ckpt['seq']}/")
+    click.echo("  sha256 verified")

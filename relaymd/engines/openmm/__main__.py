@@ -21,9 +21,15 @@ def parse(argv: list[str]) -> Options:
     length = p.add_mutually_exclusive_group(required=True)
     length.add_argument("--steps", type=int, help="total steps")
     length.add_argument("--ns", type=float, help="total simulated time in ns")
-    p.add_argument("--checkpoint-steps", type=int, default=5000)
-    p.add_argument("--checkpoint-seconds", type=float, default=600.0)
-    p.add_argument("--report-steps", type=int, default=500)
+    p.add_argument("--checkpoint-seconds", type=float, default=600.0,
+                   help="checkpoint this often (default 600 s: a GPU does millions of steps in "
+                        "that time, so a step count is the wrong clock)")
+    p.add_argument("--checkpoint-steps", type=int,
+                   help="also checkpoint every N steps (default: by time only)")
+    p.add_argument("--report-steps", type=int, default=500,
+                   help="an energies.csv record every N steps")
+    p.add_argument("--trajectory-steps", type=int, default=0,
+                   help="a trajectory.xtc frame every N steps (default 0: no trajectory)")
     p.add_argument("--print-energies", action="store_true",
                    help="echo each energy record to stdout as it is taken (energies.csv gets "
                         "them at each checkpoint)")
@@ -38,13 +44,17 @@ def parse(argv: list[str]) -> Options:
         except ValueError as exc:
             p.error(str(exc))
         steps = round(a.ns * 1000 / dt_ps)
-    if steps <= 0 or a.checkpoint_steps <= 0 or a.report_steps <= 0:
-        p.error("steps, --checkpoint-steps and --report-steps must be positive")
+    if steps <= 0 or (a.checkpoint_steps is not None and a.checkpoint_steps <= 0) \
+            or a.report_steps <= 0 or a.checkpoint_seconds <= 0:
+        p.error("steps, --checkpoint-steps, --checkpoint-seconds and --report-steps must be "
+                "positive")
+    if a.trajectory_steps < 0:
+        p.error("--trajectory-steps must be 0 (none) or positive")
     return Options(workdir=a.workdir, system=a.system, integrator=a.integrator, state=a.state,
                    pdb=a.pdb, forcefields=a.forcefield, steps=steps,
                    checkpoint_steps=a.checkpoint_steps, checkpoint_seconds=a.checkpoint_seconds,
                    report_steps=a.report_steps, platform=a.platform, threads=a.threads,
-                   print_energies=a.print_energies)
+                   print_energies=a.print_energies, trajectory_steps=a.trajectory_steps)
 
 
 def _step_size_ps(integrator: Path | None) -> float:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from relaymd.engines.openmm.runner import CHECKPOINT_FILES, write_atomic
+from relaymd.engines.openmm.runner import CHECKPOINT_FILES, OUTPUT_FILES, write_atomic
 
 WATER_ATOMS_PER_NM3 = 100.2
 
@@ -58,9 +58,12 @@ def write_example(dest: Path, atoms: int | None = None, ns: float = 0.02,
         "command": (f"python -m relaymd.engines.openmm --system system.xml "
                     f"--integrator integrator.xml --state state.xml --ns {ns:g} "
                     f"--checkpoint-seconds {checkpoint_seconds:g} --report-steps 250 "
-                    f"--platform {platform}"),
+                    f"--trajectory-steps 1000 --platform {platform}"),
+        # State only: the energy log and the trajectory are outputs, streamed once as they
+        # grow and stitched by `relaymd results`, not re-sent whole with every checkpoint.
         "checkpoint": {"paths": CHECKPOINT_FILES, "sentinel": "checkpoint.json",
                        "poll_seconds": 5},
+        "outputs": OUTPUT_FILES,
         "progress": "progress.json",
         "resources": {"gpus": 0},  # runs anywhere; uses a GPU when the worker has one
         "max_attempts": 3,
@@ -69,5 +72,7 @@ def write_example(dest: Path, atoms: int | None = None, ns: float = 0.02,
     n_atoms = system.getNumParticles()  # type: ignore[attr-defined]
     (dest / "README.txt").write_text(
         f"RelayMD example: {n_atoms} atoms, {ns:g} ns of NVT MD at 300 K with OpenMM.\n"
-        "Submit it with: relaymd submit .\n")
+        "Submit it with: relaymd submit .\n"
+        "When it is done, fetch energies.csv, trajectory.xtc and the final state with:\n"
+        "  relaymd results JOB\n")
     return spec

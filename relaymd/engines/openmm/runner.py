@@ -1,16 +1,21 @@
 """A restartable OpenMM simulation: run to a total step count, checkpointing as it goes.
 
-Files in the job dir (the bundle's working directory):
+Files in the job dir (the bundle's working directory). The checkpoint set (state only):
   checkpoint.xml   portable `saveState` XML (positions, velocities, box, step) — resumes anywhere
   checkpoint.chk   binary `saveCheckpoint` (also the integrator's RNG) — used only on the same
                    platform and OpenMM version, where it continues the trajectory exactly
   checkpoint.json  the commit point, written last: step, platform, OpenMM version
-  energies.csv     one record per report interval, appended across resumes (never duplicated);
-                   records are held in memory and appended at each checkpoint, so the file
-                   changes only with the rest of the set (a watcher needs the set to hold still)
   progress.json    {done, total, unit: "ns", ns_per_day} for the worker's heartbeat
-Every file is written atomically (temp file, fsync, rename). SIGTERM writes a checkpoint and
-exits 75 (EX_TEMPFAIL); the process exits 0 only when the total is reached.
+The outputs (RelayMD streams them and never restores them, see `OUTPUT_FILES`):
+  energies.csv     one record per report interval (a header on a fresh start only)
+  trajectory.xtc   one frame per `--trajectory-steps` (when asked for)
+Records and frames are held in memory and appended just before each checkpoint is written, so
+the outputs on disk always end at the step of the newest checkpoint (nothing runs ahead of it:
+after a resume the next attempt's outputs continue exactly where the stored ones stop).
+Resuming in a directory that still holds energies.csv (a rerun by hand) drops its records past
+the checkpoint and appends; without it (RelayMD's fresh attempt) it starts a headerless
+continuation. Every state file is written atomically (temp file, fsync, rename). SIGTERM writes
+a checkpoint and exits 75 (EX_TEMPFAIL); the process exits 0 only when the total is reached.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-CHECKPOINT_FILES = ["checkpoint.xml", "checkpoint.chk", "checkpoint.json", "energies.csv",
-                    "progress.json"]
+CHECKPOINT_FILES = ["checkpoint.xml", "checkpoint.chk", "checkpoint.json", "progress.json"]
+OUTPUT_FILES = ["energies.csv", "trajectory.xtc"]
 ENERGY_HEADER = "step,time_ps,potential_kj_mol,kinetic_kj_mol,temperature_k,volume_nm3\n"
 PLATFORM_ORDER = ("CUDA", "OpenCL", "CPU")
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; run again to resume
@@ -53,13 +58,14 @@ class Options:
     pdb: Path | None
     forcefields: list[str]
     steps: int
-    checkpoint_steps: int
+    checkpoint_steps: int | None  # None: by time only
     checkpoint_seconds: float
     report_steps: int
     platform: str
     threads: int | None
     chunk_steps: int = 100
     print_energies: bool = False  # also echo each record to stdout as it is taken
+    trajectory_steps: int = 0  # a trajectory.xtc frame every N steps (0: none)
 
 
 def choose_platform(name: str) -> list[Any]:
@@ -86,6 +92,8 @@ class Runner:
         self.dt_ps = 0.0
         self.steps_per_second = 0.0
         self.energy_records: list[str] = []  # reported since the last checkpoint
+        self.frames: list[tuple[Any, Any]] = []  # (positions, box) taken since the last one
+        self.xtc: Any = None
         self.dof: int | None = None  # degrees of freedom: the System's, fixed for the run
 
     # ------------------------------------------------------------------ setup
@@ -159,6 +167,8 @@ class Runner:
             self.sim.context.setStepCount(0)
             self.sim.currentStep = 0
             (self.dir / "energies.csv").write_text(ENERGY_HEADER)
+        if self.o.trajectory_steps:
+            self.open_trajectory(system)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -211,15 +221,50 @@ class Runner:
         return True
 
     def trim_energies(self, step: int) -> None:
-        """Drop records written after the checkpoint we resume from (no duplicated steps)."""
+        """Drop records written after the checkpoint we resume from (no duplicated steps). No
+        file: a fresh attempt under RelayMD, whose outputs continue the stored ones (no header)."""
         path = self.dir / "energies.csv"
         if not path.exists():
-            path.write_text(ENERGY_HEADER)
+            path.write_bytes(b"")
             return
         lines = path.read_text().splitlines(keepends=True)
         kept = [ENERGY_HEADER] + [ln for ln in lines[1:] if ln.strip() and ln.split(",")[0]
                                   .isdigit() and int(ln.split(",")[0]) <= step]
         write_atomic(path, "".join(kept).encode())
+
+    def open_trajectory(self, system: Any) -> None:
+        """trajectory.xtc, continuing at the first frame after the current step. XTC frames are
+        independent records, so a continuation appended to the stored frames is one valid file."""
+        from openmm.app import XTCFile
+
+        every, step = self.o.trajectory_steps, self.sim.currentStep
+        path = self.dir / "trajectory.xtc"
+        existing = path.exists() and path.stat().st_size > 0  # a rerun by hand: append
+        first = every if existing else (step // every + 1) * every
+        self.xtc = XTCFile(str(path), _Atoms(system), self.dt_ps, firstStep=first,
+                           interval=every, append=existing)
+
+    def take_frame(self) -> None:
+        from openmm import unit as u
+
+        state = self.sim.context.getState(getPositions=True, enforcePeriodicBox=False)
+        self.frames.append((state.getPositions(asNumpy=True).value_in_unit(u.nanometer),
+                            state.getPeriodicBoxVectors()))
+
+    def flush_outputs(self) -> None:
+        """Append the frames and records taken since the last checkpoint (before its files)."""
+        if self.frames:
+            for positions, box in self.frames:
+                self.xtc.writeModel(positions, periodicBoxVectors=box)
+            with open(self.dir / "trajectory.xtc", "rb") as fh:
+                os.fsync(fh.fileno())
+            self.frames.clear()
+        if self.energy_records:
+            with open(self.dir / "energies.csv", "a") as fh:
+                fh.writelines(self.energy_records)
+                fh.flush()
+                os.fsync(fh.fileno())
+            self.energy_records.clear()
 
     def checkpoint(self) -> None:
         import openmm
@@ -227,12 +272,7 @@ class Runner:
         step = self.sim.currentStep
         state = self.sim.context.getState(getPositions=True, getVelocities=True,
                                           getParameters=True, enforcePeriodicBox=False)
-        if self.energy_records:
-            with open(self.dir / "energies.csv", "a") as fh:
-                fh.writelines(self.energy_records)
-                fh.flush()
-                os.fsync(fh.fileno())
-            self.energy_records.clear()
+        self.flush_outputs()
         write_atomic(self.dir / "checkpoint.xml", openmm.XmlSerializer.serialize(state).encode())
         write_atomic(self.dir / "checkpoint.chk", self.sim.context.createCheckpoint())
         meta = {"step": step, "chk_step": step, "platform": self.platform_name,
@@ -289,16 +329,22 @@ class Runner:
         self.write_progress()
         started_step, started = self.sim.currentStep, time.monotonic()
         while self.sim.currentStep < o.steps and not self.stop_requested:
-            # Stop at every report boundary so records land on exact multiples.
-            to_report = o.report_steps - self.sim.currentStep % o.report_steps
-            n = min(o.chunk_steps, to_report, o.steps - self.sim.currentStep)
+            # Stop at every report and frame boundary so they land on exact multiples.
+            step = self.sim.currentStep
+            to_report = o.report_steps - step % o.report_steps
+            to_frame = o.trajectory_steps - step % o.trajectory_steps \
+                if o.trajectory_steps else to_report
+            n = min(o.chunk_steps, to_report, to_frame, o.steps - step)
             self.sim.step(n)
             if self.sim.currentStep % o.report_steps == 0:
                 self.report()
+            if o.trajectory_steps and self.sim.currentStep % o.trajectory_steps == 0:
+                self.take_frame()
             elapsed = time.monotonic() - started
             if elapsed > 0:
                 self.steps_per_second = (self.sim.currentStep - started_step) / elapsed
-            due_steps = self.sim.currentStep - last_ckpt_step >= o.checkpoint_steps
+            due_steps = o.checkpoint_steps is not None and \
+                self.sim.currentStep - last_ckpt_step >= o.checkpoint_steps
             due_time = time.monotonic() - last_ckpt_time >= o.checkpoint_seconds
             if due_steps or due_time:
                 self.checkpoint()
@@ -316,6 +362,22 @@ class Runner:
     def _on_term(self, signum: int, frame: object) -> None:
         # Only a flag: the chunked loop checks it, so no reporter is cut mid-write.
         self.stop_requested = True
+
+
+class _Atoms:
+    """What XTCFile asks of a Topology (the atom count and the box), from the System: runs from
+    serialized inputs have no Topology."""
+
+    def __init__(self, system: Any) -> None:
+        self.n = system.getNumParticles()
+        self.box = system.getDefaultPeriodicBoxVectors() \
+            if system.usesPeriodicBoundaryConditions() else None
+
+    def getNumAtoms(self) -> int:  # noqa: N802 (OpenMM's name)
+        return int(self.n)
+
+    def getPeriodicBoxVectors(self) -> Any:  # noqa: N802
+        return self.box
 
 
 def run(opts: Options) -> int:
