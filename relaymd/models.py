@@ -113,7 +113,11 @@ class BundleSpec(Strict):
     # Result files (globs) streamed to storage as they grow, never restored on resume: each
     # attempt's engine appends to fresh ones; `relaymd results` stitches them.
     outputs: list[str] = Field(default_factory=list, max_length=100)
+    # A file with the JSON Progress object, or a bare fraction 0..1 (AToM-OpenMM's `progress`).
     progress: str | None = None
+    # The simulated ns a fraction of 1.0 stands for: bare-number progress is then shown in ns,
+    # with ns/day from its rate.
+    progress_total_ns: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     max_attempts: int = Field(default=3, ge=1, le=1000)
     # Run only on workers of trusted clusters (the operator's HPC account, this machine), never

@@ -394,3 +394,56 @@ async def test_gateway_tracks_contact_with_the_orchestrator() -> None:
     with pytest.raises(ApiError):
         await g.call("down", client.unreachable, give_up_after=0)
     assert g.silent_for() == 10.0, "an unreachable orchestrator counted as contact"
+
+
+# --------------------------------------------------------------------------- progress files
+
+
+def reader(tmp_path: Path, **spec: Any) -> tuple[Any, Path, list[float]]:
+    from relaymd.models import BundleSpec
+    from relaymd.worker.progress import ProgressReader
+
+    now = [1000.0]
+    bundle = BundleSpec.model_validate({"command": "x", "progress": "progress", **spec})
+    return ProgressReader(bundle, tmp_path, clock=lambda: now[0]), tmp_path / "progress", now
+
+
+def test_a_bare_fraction_is_progress_in_percent_or_in_ns(tmp_path: Path) -> None:
+    r, path, _ = reader(tmp_path)
+    path.write_text("0.25\n")  # AToM-OpenMM's `progress` file
+    p = r.read()
+    assert p is not None and (p.done, p.total, p.unit, p.ns_per_day) == (25.0, 100, "%", None)
+    r, path, _ = reader(tmp_path, progress_total_ns=8.0)
+    path.write_text("0.25\n")
+    p = r.read()
+    assert p is not None and (p.done, p.total, p.unit) == (2.0, 8.0, "ns")
+    path.write_text("1.05\n")  # overshoot by a cycle: done, not more than done
+    p = r.read()
+    assert p is not None and p.done == p.total == 8.0
+
+
+def test_ns_per_day_comes_from_the_rate_of_a_bare_fraction(tmp_path: Path) -> None:
+    r, path, now = reader(tmp_path, progress_total_ns=10.0)
+    path.write_text("0.1")
+    assert r.read().ns_per_day is None  # one reading: no rate yet
+    now[0] += 10
+    path.write_text("0.11")
+    assert r.read().ns_per_day is None, "a rate from readings 10 s apart is too noisy"
+    now[0] += 3590  # an hour after the first reading: 0.2 of 10 ns done in that hour
+    path.write_text("0.3")
+    p = r.read()
+    assert p is not None and p.done == 3.0 and p.ns_per_day == pytest.approx(48.0)
+
+
+def test_an_engines_own_rate_wins_and_unreadable_files_are_no_progress(tmp_path: Path) -> None:
+    r, path, now = reader(tmp_path)
+    path.write_text('{"done": 1, "total": 4, "unit": "ns", "ns_per_day": 7.5}')
+    p = r.read()
+    assert p is not None and (p.done, p.total, p.ns_per_day) == (1, 4, 7.5)
+    for junk in ("", "  \n", "nan", "-0.5", "inf", "half", '{"done": -1}', "{broken"):
+        path.write_text(junk)  # AToM truncates before it writes: an empty file is normal
+        assert r.read() is None, f"{junk!r} read as progress"
+    path.unlink()
+    assert r.read() is None
+    with pytest.raises(ValueError, match="progress_total_ns"):
+        reader(tmp_path, progress_total_ns=0)

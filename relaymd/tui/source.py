@@ -44,7 +44,8 @@ def progress_of(p: dict[str, Any] | None) -> tuple[float | None, str]:
         return None, ""
     done, total, unit = float(p["done"]), p.get("total"), p.get("unit") or ""
     if total:
-        text = f"{done:g}/{float(total):g} {unit}".strip()
+        text = f"{100 * done / float(total):.1f}%" if unit == "%" else \
+            f"{done:g}/{float(total):g} {unit}".strip()
         return max(0.0, min(1.0, done / float(total))), text
     return None, f"{done:g} {unit}".strip()
 

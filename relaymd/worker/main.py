@@ -40,6 +40,7 @@ from relaymd.worker.engine import Engine
 from relaymd.worker.gateway import Gateway
 from relaymd.worker.hardware import detect_gpus, hostname, slurm_end_time
 from relaymd.worker.outputs import OutputStream
+from relaymd.worker.progress import ProgressReader
 from relaymd.worker.tailscale import join_tailnet
 from relaymd.worker.transfer import JobFiles, PrepareError
 
@@ -59,6 +60,7 @@ class JobRun:
     stop_reason: str | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     outputs: OutputStream | None = None  # the job's `outputs:`, streamed as they grow
+    progress: ProgressReader | None = None
 
     @property
     def job_id(self) -> str:
@@ -218,13 +220,9 @@ class Worker:
     # ------------------------------------------------------------------ one job
 
     def read_progress(self, run: JobRun) -> Progress | None:
-        name = run.assignment.job.spec.progress
-        if not name:
-            return None
-        try:
-            return Progress.model_validate_json((run.job_dir / name).read_bytes())
-        except (OSError, ValueError):
-            return None
+        if run.progress is None:
+            run.progress = ProgressReader(run.assignment.job.spec, run.job_dir)
+        return run.progress.read()
 
     async def run_job(self, a: Assignment) -> None:
         job = a.job
