@@ -15,14 +15,17 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[test,md]"
 	touch $(STAMP)
 
-# Debian packages and services the tests drive: tmux (the console's end-to-end test) and a
-# one-node SLURM (slurm-wlm + munge, started by deploy/slurm/dev-cluster.sh; the slurm
-# provider's tests). Installed and started when missing and we are root (CI is); otherwise
-# those tests say they are skipped and why.
+# Debian packages and services the tests drive: tmux (the console's end-to-end test), chromium
+# (`relaymd web`'s browser test, driven by Playwright) and a one-node SLURM (slurm-wlm + munge,
+# started by deploy/slurm/dev-cluster.sh; the slurm provider's tests). Installed and started
+# when missing and we are root (CI is); otherwise those tests say they are skipped and why.
 system:
 	@command -v tmux >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null; }; } || \
 	  echo "note: tmux is not installed; the console's tmux test will be skipped"
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; } || \
+	  echo "note: chromium is not installed; the web console's browser test will be skipped"
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  bash deploy/slurm/dev-cluster.sh up >/dev/null; \
 	else echo "note: not root; SLURM tests run only if a cluster is already up"; fi
@@ -49,7 +52,7 @@ test-fast: setup lint
 binary: setup
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[binary]"
 	$(BIN)/pyinstaller --noconfirm --clean --onefile --name relaymd --collect-data relaymd \
-	  --exclude-module openmm \
+	  --collect-data textual_serve --exclude-module openmm \
 	  --distpath dist --workpath build/pyinstaller --specpath build relaymd/__main__.py
 	./dist/relaymd --version
 

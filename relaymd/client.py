@@ -29,6 +29,7 @@ from relaymd.models import (
     JobDetail,
     JobPage,
     Progress,
+    Usage,
     Worker,
     WorkerRegister,
     WorkerRegistered,
@@ -196,6 +197,10 @@ class Client:
     def clusters(self) -> list[ClusterInfo]:
         data = self.request("GET", "/api/v1/clusters").json()
         return [ClusterInfo.model_validate(c) for c in data]
+
+    def usage(self) -> Usage:
+        """GPU-hours per job and per cluster, useful and redone."""
+        return self._get("/api/v1/usage", Usage)
 
     def tokens(self) -> list[dict[str, Any]]:
         """Each cluster's bootstrap token, masked."""

@@ -251,6 +251,48 @@ class Job(BaseModel):
 class JobDetail(Job):
     checkpoint_list: list[CheckpointInfo]
     events: list[Event]
+    # Rate and compute (relaymd/server/usage.py says exactly how each is derived).
+    ns_per_day: float | None = None  # the engine's latest figure
+    eta_seconds: float | None = None  # a running job with a known total and rate: time left
+    gpu_hours: float = 0.0  # every attempt's wall time times its worker's GPUs
+    gpu_hours_useful: float = 0.0  # gpu_hours less the redone part
+    gpu_hours_redone: float = 0.0  # computed again after a later attempt resumed from before it
+
+
+class JobUsage(BaseModel):
+    """`GET /api/v1/usage`: one job ever claimed."""
+
+    id: str
+    title: str
+    status: JobStatus
+    gpus: int  # what it asked for
+    attempts: int
+    gpu_hours: float
+    gpu_hours_useful: float
+    gpu_hours_redone: float
+    ns_per_day: float | None = None
+    eta_seconds: float | None = None
+
+
+class ClusterUsage(BaseModel):
+    """`GET /api/v1/usage`: the attempts run by one cluster's workers."""
+
+    cluster: str
+    attempts: int
+    gpu_hours: float
+    gpu_hours_useful: float
+    gpu_hours_redone: float
+
+
+class Usage(BaseModel):
+    """`relaymd usage`: GPU-hours per job and per cluster, useful and redone, and the totals."""
+
+    at: datetime
+    gpu_hours: float
+    gpu_hours_useful: float
+    gpu_hours_redone: float
+    clusters: list[ClusterUsage]
+    jobs: list[JobUsage]
 
 
 class JobPage(BaseModel):

@@ -35,7 +35,7 @@ LAYERS = {
     "unit": {
         "test_bundle.py", "test_transitions.py", "test_scheduling.py", "test_config.py",
         "test_secrets.py", "test_worker_units.py", "test_deploy_files.py", "test_docs.py",
-        "test_state_properties.py",
+        "test_state_properties.py", "test_usage.py",
     },
     "system": {
         "test_worker.py", "test_slurm.py", "test_chaos.py", "test_crash_safety.py",
@@ -43,6 +43,7 @@ LAYERS = {
         "test_bench_storage_smoke.py", "test_bench_gpu_smoke.py", "test_binary.py", "test_disk_full.py",
         "test_storage_outage.py", "test_openmm.py", "test_hostile_workers.py",
         "test_local_provider.py", "test_tailscale.py", "test_images.py", "test_outputs.py",
+        "test_web.py", "test_bench_outputs_smoke.py",
     },
 }
 

@@ -362,3 +362,89 @@ def test_a_checkpoint_reports_progress_newer_than_the_last_heartbeat(
     assert progress is not None and progress.done == 4, progress
     (listed,) = op.all_jobs()
     assert listed.progress is not None and listed.progress.done == 4, listed.progress
+
+
+# ---------------------------------------------------------------- usage: GPU-hours, rates, ETAs
+
+
+def report_checkpoint(server: RunningOrchestrator, w: Client, job_id: str, attempt: int,
+                      done: float) -> int:
+    """Upload and report one checkpoint at `done` of 100 ns (the engine says 200 ns/day)."""
+    from relaymd.models import Progress
+
+    r = w.reserve_checkpoint(job_id, attempt)
+    data = f"state-{r.seq}".encode()
+    open_storage(server.settings.storage).put_bytes(r.key, data)
+    w.report_checkpoint(job_id, CheckpointReport(
+        attempt=attempt, seq=r.seq, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+        progress=Progress(done=done, total=100, unit="ns", ns_per_day=200)))
+    return r.seq
+
+
+def kill_and_resume(server: RunningOrchestrator, clock: FakeClock, tmp_path: Path
+                    ) -> tuple[str, Client]:
+    """A job whose first worker (2 GPUs) checkpoints 1 h in and is killed half an hour later;
+    a 1-GPU worker resumes it from that checkpoint 10 min on and checkpoints at 10 ns/h:
+
+      attempt 1: 1.5 h x 2 GPUs = 3 GPU-h, of which the 0.5 h after its checkpoint (1 GPU-h)
+                 is redone by attempt 2;
+      attempt 2: 2 h x 1 GPU so far = 2 GPU-h;
+      so 5 GPU-h, 1 redone, 4 useful. ETA: 68 ns left at 10 ns/h (the rate between attempt
+      2's checkpoints, not the engine's 200 ns/day) = 6.8 h = 24480 s.
+    Returns the job and the worker running it (attempt 2)."""
+    job_id = submit(server.operator(), tmp_path, title="villin", gpus=1)
+    w1, wid1 = server.worker(gpus=2)
+    assert w1.claim() is not None
+    clock.advance(3600)
+    first = report_checkpoint(server, w1, job_id, 1, done=10)
+    clock.advance(1800)
+    w1.deregister(wid1)  # killed: the job is lost back to the queue
+    w2, _ = server.worker(gpus=1)
+    clock.advance(600)
+    resumed = w2.claim()
+    assert resumed is not None and resumed.checkpoint_seq == first, resumed
+    clock.advance(3600)
+    report_checkpoint(server, w2, job_id, 2, done=22)
+    clock.advance(3600)
+    report_checkpoint(server, w2, job_id, 2, done=32)
+    return job_id, w2
+
+
+def test_job_detail_usage_and_metrics_count_useful_and_redone_gpu_hours(
+        server: RunningOrchestrator, clock: FakeClock, tmp_path: Path) -> None:
+    op = server.operator()
+    job_id, worker = kill_and_resume(server, clock, tmp_path)
+    submit(op, tmp_path, title="never ran")
+    detail = op.get_job(job_id)
+    assert (detail.gpu_hours, detail.gpu_hours_useful, detail.gpu_hours_redone) == \
+        pytest.approx((5.0, 4.0, 1.0)), detail
+    assert detail.ns_per_day == 200 and detail.eta_seconds == pytest.approx(24480), detail
+
+    spent = op.usage()
+    assert [(c.cluster, c.attempts) for c in spent.clusters] == [("local", 2)], spent.clusters
+    (local,) = spent.clusters
+    assert (local.gpu_hours, local.gpu_hours_useful, local.gpu_hours_redone) == \
+        pytest.approx((5.0, 4.0, 1.0)), local
+    (job,) = spent.jobs  # the job never claimed has used nothing and is not listed
+    assert (job.id, job.title, job.attempts, job.eta_seconds) == \
+        (job_id, "villin", 2, pytest.approx(24480)), job
+    assert (spent.gpu_hours, spent.gpu_hours_redone) == pytest.approx((5.0, 1.0)), spent
+
+    text = raw(server, "GET", "/metrics", server.tokens()["operator"]).text
+    assert 'relaymd_gpu_hours{cluster="local",kind="useful"} 4.0\n' in text, text
+    assert 'relaymd_gpu_hours{cluster="local",kind="redone"} 1.0\n' in text, text
+
+    # The running attempt keeps counting (a cached history is not a frozen one) ...
+    clock.advance(1800)
+    assert op.usage().gpu_hours == pytest.approx(5.5)
+    # ... and stops when it completes; a finished job has no ETA.
+    worker.complete(job_id, 2)
+    clock.advance(3600)
+    detail = op.get_job(job_id)
+    assert (detail.gpu_hours, detail.gpu_hours_redone, detail.eta_seconds) == \
+        (pytest.approx(5.5), pytest.approx(1.0), None), detail
+    assert op.usage().gpu_hours == pytest.approx(5.5)
+    # A purged job's hours go with it.
+    op.purge(job_id)
+    after = op.usage()
+    assert (after.jobs, after.gpu_hours, after.clusters) == ([], 0, []), after

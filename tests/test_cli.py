@@ -19,7 +19,8 @@ from typing import Any
 from relaymd.models import CheckpointReport, Progress
 from relaymd.storage import open_storage
 
-from .conftest import RunningOrchestrator, free_port, submit
+from .conftest import FakeClock, RunningOrchestrator, free_port, submit
+from .test_api import kill_and_resume
 
 # The stable `--json` keys, copied from the README.
 JOB_KEYS = {
@@ -28,6 +29,13 @@ JOB_KEYS = {
     "progress", "last_failure", "created_at", "updated_at", "started_at", "finished_at",
     "last_checkpoint_at", "preferred_clusters", "queue_blocked_reason", "trusted_only",
 }
+# `job ID --json` adds these to a job object.
+DETAIL_KEYS = {"checkpoint_list", "events", "ns_per_day", "eta_seconds", "gpu_hours",
+               "gpu_hours_useful", "gpu_hours_redone"}
+USAGE_KEYS = {"at", "gpu_hours", "gpu_hours_useful", "gpu_hours_redone", "clusters", "jobs"}
+CLUSTER_USAGE_KEYS = {"cluster", "attempts", "gpu_hours", "gpu_hours_useful", "gpu_hours_redone"}
+JOB_USAGE_KEYS = {"id", "title", "status", "gpus", "attempts", "gpu_hours", "gpu_hours_useful",
+                  "gpu_hours_redone", "ns_per_day", "eta_seconds"}
 PROGRESS_KEYS = {"done", "total", "unit", "ns_per_day"}
 FAILURE_KEYS = {"attempt", "exit_code", "reason", "log_tail", "at"}
 CHECKPOINT_KEYS = {"seq", "key", "sha256", "size", "attempt", "worker_id", "created_at", "progress",
@@ -194,8 +202,8 @@ def test_job_by_prefix_shows_state_checkpoints_failure_and_history(
     assert [e[2] for e in events] == kinds, f"event history rows: {events}"
 
     detail = ok_json(relaymd(home_of(server), "job", job_id[:6], "--json"))
-    assert set(detail) == JOB_KEYS | {"checkpoint_list", "events"}, \
-        f"job --json keys differ: {set(detail) ^ (JOB_KEYS | {'checkpoint_list', 'events'})}"
+    assert set(detail) == JOB_KEYS | DETAIL_KEYS, \
+        f"job --json keys differ: {set(detail) ^ (JOB_KEYS | DETAIL_KEYS)}"
     assert (detail["id"], detail["status"], detail["attempt"]) == (job_id, "running", 2), detail
     assert set(detail["progress"]) == PROGRESS_KEYS, detail["progress"]
     assert set(detail["last_failure"]) == FAILURE_KEYS, detail["last_failure"]
@@ -272,6 +280,40 @@ def test_unknown_or_malformed_job_ref_exits_1(server: RunningOrchestrator) -> No
     assert "deadbeef" in err, f"unknown job error does not name the ref: {err}"
     err = one_line_error(relaymd(home, "cancel", "not-hex"), 1)
     assert "hexadecimal" in err, err
+
+
+# ---------------------------------------------------------------- usage
+
+
+def test_usage_and_job_show_gpu_hours_rate_and_eta(server: RunningOrchestrator,
+                                                  clock: FakeClock, tmp_path: Path) -> None:
+    home = home_of(server)
+    none = relaymd(home, "usage")
+    assert none.returncode == 0 and "no job has run yet" in none.stdout, none
+    job_id, _ = kill_and_resume(server, clock, tmp_path)  # its docstring has the numbers
+
+    report = ok_json(relaymd(home, "usage", "--json"))
+    assert set(report) == USAGE_KEYS, set(report) ^ USAGE_KEYS
+    (cluster,) = report["clusters"]
+    assert set(cluster) == CLUSTER_USAGE_KEYS, set(cluster) ^ CLUSTER_USAGE_KEYS
+    (job,) = report["jobs"]
+    assert set(job) == JOB_USAGE_KEYS, set(job) ^ JOB_USAGE_KEYS
+    assert (job["id"], job["attempts"], job["gpu_hours"], job["gpu_hours_redone"],
+            job["ns_per_day"], job["eta_seconds"]) == (job_id, 2, 5.0, 1.0, 200.0, 24480.0), job
+
+    human = relaymd(home, "usage")
+    assert human.returncode == 0, human.stderr
+    assert "total  5.00 GPU-h (useful 4.00, redone 1.00 = 20%)" in human.stdout, human.stdout
+    rows = {line.split()[0]: line.split() for line in human.stdout.splitlines() if line.strip()}
+    assert rows["local"][1:] == ["2", "5.00", "4.00", "1.00"], human.stdout
+    assert rows[job_id[:8]][1:] == ["villin", "running", "2", "5.00", "4.00", "1.00", "200",
+                                    "6h48m"], human.stdout
+
+    shown = relaymd(home, "job", job_id[:8])
+    assert shown.returncode == 0, shown.stderr
+    for needle in ("rate       200 ns/day   ETA 6h48m",
+                   "compute    5.00 GPU-h (useful 4.00, redone 1.00 = 20%)"):
+        assert needle in shown.stdout, f"`job` output lacks {needle!r}:\n{shown.stdout}"
 
 
 # ---------------------------------------------------------------- workers

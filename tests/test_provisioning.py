@@ -15,6 +15,7 @@ import pytest
 
 from relaymd.config import ClusterConfig, ConfigError, OrchestratorSettings, load_settings
 from relaymd.server.provisioning.base import ProviderError, Seen
+from relaymd.server.provisioning.blocked import Offer, why_blocked
 from relaymd.server.provisioning.provisioner import Provisioner
 from relaymd.server.provisioning.slurm import (
     TemplateError,
@@ -125,9 +126,10 @@ def provisioner(configs: list[ClusterConfig], pending: dict[str, int] | None = N
     return p
 
 
-def job(i: int, gpus: int = 1, prefer: list[str] | None = None) -> dict[str, Any]:
+def job(i: int, gpus: int = 1, prefer: list[str] | None = None,
+        trusted_only: bool = False) -> dict[str, Any]:
     return {"id": f"j{i}", "gpus": gpus, "preferred_clusters": json.dumps(prefer) if prefer
-            else None, "blocked_reason": None}
+            else None, "blocked_reason": None, "trusted_only": int(trusted_only)}
 
 
 HPC = ClusterConfig(name="hpc", provider="slurm", max_pending=1, max_workers=2)
@@ -156,12 +158,79 @@ def test_blocked_reasons_say_why_a_job_cannot_run_anywhere() -> None:
     p = provisioner([SALAD, HPC])
     waiting, blocked = p.route([job(1, gpus=4), job(2, prefer=["nowhere"]),
                                 job(3, prefer=["cloud"])], [])
-    assert "needs 4 GPU(s)" in (blocked["j1"] or ""), blocked
-    assert "nowhere" in (blocked["j2"] or "") and "no such cluster" in (blocked["j2"] or "")
+    assert blocked["j1"] == (
+        "wants 4 GPUs; no worker is registered, and no configured cluster can start one (hpc "
+        "starts workers with 1 GPU; cloud starts workers with 1 GPU). Fix: add a cluster whose "
+        "workers have 4 GPUs (`gpus: 4` under `clusters:`), or submit it again with fewer "
+        "(--gpus)"), blocked
+    assert blocked["j2"] == (
+        "wants 1 GPU on nowhere only; no worker is registered, and no configured "
+        "cluster can start one (nowhere: no such cluster is configured). Fix: add nowhere under "
+        "`clusters:` or submit it again with --cluster naming a configured one (hpc, cloud)"), \
+        blocked
     assert blocked["j3"] is None and waiting == {"cloud": 1}, (blocked, waiting)
     p.switches = {"cloud": False}
     _, blocked = p.route([job(3, prefer=["cloud"])], [])
-    assert "disabled" in (blocked["j3"] or ""), blocked
+    assert "no configured cluster can start one (cloud is disabled). Fix: `relaymd clusters " \
+        "enable cloud`" in (blocked["j3"] or ""), blocked
+
+
+def test_a_gpu_job_with_only_cpu_workers_registered_says_so() -> None:
+    # No cluster configured (local_workers 0), two CPU workers started by hand.
+    cpu = [{"cluster": "local", "status": "busy", "gpus": 0},
+           {"cluster": "local", "status": "idle", "gpus": 0}]
+    _, blocked = provisioner([]).route([job(1)], cpu)
+    assert blocked["j1"] == (
+        "wants 1 GPU; the 2 registered workers have 0 GPUs, and no cluster is configured to "
+        "start workers. Fix: add a cluster whose workers have 1 GPU (`gpus: 1` under "
+        "`clusters:`), or submit it again with fewer (--gpus)"), blocked
+    # ... and with this machine's CPU-only cluster configured, the cluster is named
+    local = cluster(name="local", provider="local")  # a local cluster's workers have 0 GPUs
+    _, blocked = provisioner([local]).route([job(1)], cpu[:1])
+    assert "the 1 registered worker has 0 GPUs, and no configured cluster can start one (local " \
+        "starts workers with 0 GPUs)" in (blocked["j1"] or ""), blocked
+
+
+def test_a_disabled_cluster_too_small_for_the_job_is_not_offered_as_the_fix() -> None:
+    p = provisioner([cluster(slurm={"gpus": 0})])
+    p.switches = {"hpc": False}
+    _, blocked = p.route([job(1)], [])
+    reason = blocked["j1"] or ""
+    assert "(hpc starts workers with 0 GPUs)" in reason and "enable" not in reason, reason
+
+
+def test_a_trusted_only_job_with_only_untrusted_capacity_says_so() -> None:
+    untrusted = [{"cluster": "cloud", "status": "idle", "gpus": 1}]
+    _, blocked = provisioner([SALAD]).route([job(1, trusted_only=True)], untrusted)
+    assert blocked["j1"] == (
+        "wants 1 GPU on a trusted cluster; the 1 registered worker is untrusted (cloud), and no "
+        "configured cluster can start one (cloud is untrusted). Fix: add a trusted cluster (a "
+        "SLURM account, or local_workers on this machine), or submit it again without "
+        "--trusted-only"), blocked
+
+
+def test_registered_workers_of_other_clusters_are_named() -> None:
+    elsewhere = [{"cluster": "local", "status": "idle", "gpus": 8}]
+    _, blocked = provisioner([HPC]).route([job(1, prefer=["cloud"])], elsewhere)
+    assert "no worker of cloud is registered (the 1 registered worker is on local)" \
+        in (blocked["j1"] or ""), blocked
+
+
+def test_a_registered_worker_that_fits_unblocks_or_is_waited_for() -> None:
+    # No cluster can start a 2-GPU worker, but one is registered: idle, it takes the job (no
+    # reason); busy, the job waits for it.
+    p = provisioner([HPC])
+    waiting, blocked = p.route([job(1, gpus=2)], [{"cluster": "local", "status": "idle",
+                                                  "gpus": 2}])
+    assert blocked == {"j1": None} and waiting == {}, (blocked, waiting)
+    _, blocked = p.route([job(1, gpus=2)], [{"cluster": "local", "status": "busy", "gpus": 2}])
+    assert (blocked["j1"] or "").startswith(
+        "waiting for capacity: the 1 registered worker that can run it is busy, and no "
+        "configured cluster can start one (hpc starts workers with 1 GPU)"), blocked
+    # An idle worker no longer asking for work (its allocation is ending) is no capacity either.
+    leaving = why_blocked(2, None, False, [], [Offer("local", 2, True, asking=False)])
+    assert (leaving or "").startswith("waiting for capacity: the 1 registered worker that can "
+                                      "run it is busy or no longer asking for work"), leaving
 
 
 def test_a_job_everyone_able_is_full_for_waits_with_a_reason() -> None:
@@ -279,6 +348,20 @@ def test_preferred_clusters_keep_a_job_off_other_clusters(
     got = mine.claim()
     assert got is not None and got.job.id == job_id
     assert got.job.preferred_clusters == ["hpc"]
+
+
+def test_a_gpu_job_waiting_on_cpu_workers_says_why_through_the_api(
+        server: RunningOrchestrator, tmp_path: Path) -> None:
+    """The reported case: no cluster configured, CPU workers registered by hand; the job used
+    to say "no cluster is configured" as if nothing were registered."""
+    for _ in range(2):
+        server.worker(gpus=0)
+    job_id = submit(server.operator(), tmp_path, gpus=1)
+    server.call(server.orch.provisioner.cycle())
+    reason = server.operator().get_job(job_id).queue_blocked_reason
+    assert reason is not None and reason.startswith(
+        "wants 1 GPU; the 2 registered workers have 0 GPUs, and no cluster is configured to "
+        "start workers. Fix: add a cluster whose workers have 1 GPU"), reason
 
 
 def test_clusters_command_lists_and_switches(orch: RunningOrchestrator, tmp_path: Path) -> None:

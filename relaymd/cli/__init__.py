@@ -3,10 +3,11 @@
 Client subcommands talk to a running orchestrator over HTTP only (they never open the SQLite
 file). Exit codes: 0 success, 1 refused or failed operation, 2 usage error.
 
-The commands live by group: run (console, serve, worker), jobs (submit ... purge), fleet
-(workers, clusters, tokens), offline (config check, example); common holds what they share and
-tables how they print. Every command module is imported here, statically, and registered on
-`main` below: that is also what lets PyInstaller's analysis of relaymd/__main__.py find them.
+The commands live by group: run (console, serve, web, worker), jobs (submit ... purge), fleet
+(workers, clusters, tokens), usage (GPU-hours), offline (config check, example); common holds
+what they share and tables how they print. Every command module is imported here, statically,
+and registered on `main` below: that is also what lets PyInstaller's analysis of
+relaymd/__main__.py find them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import click
 from click_default_group import DefaultGroup
 
 from relaymd import __version__
-from relaymd.cli import fleet, jobs, offline, run
+from relaymd.cli import fleet, jobs, offline, run, usage
 from relaymd.cli.common import call, client_of, die, emit_json, json_option, settings_of, url_option
 
 __all__ = ["call", "client_of", "die", "emit_json", "json_option", "main", "settings_of",
@@ -33,10 +34,10 @@ def main(ctx: click.Context, config: Path | None) -> None:
     ctx.obj = {"config": config, "overrides": {}}
 
 
-for command in (run.console, run.serve, run.worker,
+for command in (run.console, run.serve, run.web, run.worker,
                 offline.config, offline.example,
                 jobs.submit, jobs.jobs, jobs.job, jobs.cancel, jobs.requeue, jobs.checkpoints,
                 jobs.purge, jobs.results,
-                fleet.workers, fleet.clusters, fleet.tokens):
+                fleet.workers, fleet.clusters, fleet.tokens, usage.usage):
     main.add_command(command)
 del command

@@ -21,10 +21,13 @@ from relaymd.cli.common import call, client_of, die, emit_json, json_option, set
 from relaymd.cli.tables import (
     age,
     checkpoints_table,
+    duration,
     events_table,
+    gpu_hours_text,
     job_checkpoints_table,
     jobs_table,
     progress_text,
+    rate_text,
     styled,
 )
 from relaymd.client import Client
@@ -126,6 +129,11 @@ def job(ctx: click.Context, job_ref: str, url: str | None, as_json: bool) -> Non
               f"failures {detail.failures}/{detail.max_attempts}")
     out.print(f"  command    {escape(detail.command)}")
     out.print(f"  progress   {progress_text(detail)}")
+    if detail.ns_per_day is not None or detail.eta_seconds is not None:
+        out.print(f"  rate       {rate_text(detail.ns_per_day)}   "
+                  f"ETA {duration(detail.eta_seconds)}")
+    if detail.attempt:
+        out.print(f"  compute    {gpu_hours_text(detail.gpu_hours, detail.gpu_hours_redone)}")
     out.print(f"  worker     {detail.worker_id or '-'}")
     if detail.preferred_clusters:
         out.print(f"  clusters   {escape(', '.join(detail.preferred_clusters))} only")

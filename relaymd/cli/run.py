@@ -1,10 +1,11 @@
 """The long-running commands: the console (which hosts the orchestrator), `serve` (the same,
-headless) and `worker`. Server, console and worker code is imported inside each command, so
-the scripting commands start without it."""
+headless), `web` (the console in a browser) and `worker`. Server, console and worker code is
+imported inside each command, so the scripting commands start without it."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import stat
 import sys
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from relaymd.cli.common import die, settings_of
+from relaymd.cli.common import die, settings_of, url_option
 from relaymd.client import ApiError, discover_token, discover_url
 
 
@@ -42,7 +43,8 @@ def console(ctx: click.Context, host: str | None, port: int | None, connect: str
     """Open the operator console hosting the orchestrator (the default command)."""
     from relaymd.server.orchestrator import OrchestratorError, setup_file_logging
 
-    if not sys.stdin.isatty() or not sys.stdout.isatty():
+    # Under `relaymd web` a Textual driver other than the terminal's (TEXTUAL_DRIVER) runs it.
+    if not os.environ.get("TEXTUAL_DRIVER") and (not sys.stdin.isatty() or not sys.stdout.isatty()):
         die("the console needs a terminal; use `relaymd serve` to run headless", 2)
     settings = settings_of(ctx, host=host, port=port)
     try:
@@ -85,6 +87,40 @@ def serve(ctx: click.Context, host: str | None, port: int | None, demo: bool) ->
         die(str(exc))
     except KeyboardInterrupt:
         pass
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="interface to listen on; keep it loopback and reach it through `ssh -L`")
+@click.option("--port", type=int, default=8766, show_default=True, help="port to listen on")
+@url_option
+@click.pass_context
+def web(ctx: click.Context, host: str, port: int, url: str | None) -> None:
+    """Serve the console to a browser: each tab runs `relaymd console --connect URL`.
+
+    \b
+    By default it listens on loopback only; from your own machine:
+      ssh -L 8766:127.0.0.1:8766 ORCHESTRATOR-HOST
+    then open http://127.0.0.1:8766/ and enter the operator token (a POSTed form, never a URL).
+    """
+    try:
+        from relaymd.tui.web import WebConsole, check_reachable, listen
+    except ImportError as exc:
+        die(f"the web console needs textual-serve ({exc}); pip install textual-serve")
+
+    settings = settings_of(ctx, url=url)
+    orchestrator = discover_url(settings)
+    try:
+        check_reachable(orchestrator)
+    except ApiError as exc:
+        die(exc.message)
+    try:
+        sock = listen(host, port)
+    except OSError as exc:
+        die(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    config = (ctx.find_root().obj or {}).get("config")  # the consoles load the same settings
+    env = {"RELAYMD_CONFIG": str(config)} if config else {}
+    WebConsole(orchestrator, host, port, env).run(sock)
 
 
 def read_token_file(path: Path) -> str:

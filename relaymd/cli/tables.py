@@ -9,7 +9,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from relaymd.models import CheckpointInfo, ClusterInfo, Event, Job, Worker
+from relaymd.models import CheckpointInfo, ClusterInfo, ClusterUsage, Event, Job, JobUsage, Worker
 from relaymd.models import JobStatus as J
 from relaymd.models import WorkerStatus as W
 
@@ -34,9 +34,36 @@ def progress_text(job: Job) -> str:
     p = job.progress
     if p is None:
         return "-"
+    if p.total and p.unit == "%":  # a bare fraction (AToM-OpenMM's progress file)
+        return f"{100 * p.done / p.total:5.1f}%"
     if p.total:
         return f"{100 * p.done / p.total:5.1f}% {p.done:g}/{p.total:g} {p.unit}"
     return f"{p.done:g} {p.unit}"
+
+
+def duration(seconds: float | None) -> str:
+    """An ETA: "-" when unknown, else days/hours/minutes (seconds under a minute)."""
+    if seconds is None:
+        return "-"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    days, rest = divmod(s, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes = rest // 60
+    if days:
+        return f"{days}d{hours:02d}h"
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m"
+
+
+def rate_text(ns_per_day: float | None) -> str:
+    return "-" if ns_per_day is None else f"{ns_per_day:g} ns/day"
+
+
+def gpu_hours_text(total: float, redone: float) -> str:
+    """GPU-hours with the share computed again after a resume."""
+    share = f" = {100 * redone / total:.0f}%" if total > 0 else ""
+    return f"{total:.2f} GPU-h (useful {total - redone:.2f}, redone {redone:.2f}{share})"
 
 
 def trust_text(trusted: bool) -> str:
@@ -142,4 +169,31 @@ def tokens_table(tokens: list[dict[str, Any]]) -> Table:
     for t in tokens:
         table.add_row(escape(t["cluster"]), escape(t["provider"]),
                       "yes" if t["trusted"] else "[yellow]no[/]", escape(t["token"] or "-"))
+    return table
+
+
+def clusters_usage_table(clusters: list[ClusterUsage]) -> Table:
+    """`relaymd usage`: GPU-hours by the cluster whose workers ran the attempts."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("CLUSTER", "ATTEMPTS", "GPU-H", "USEFUL", "REDONE"):
+        table.add_column(col, no_wrap=True, justify="left" if col == "CLUSTER" else "right")
+    for c in clusters:
+        table.add_row(escape(c.cluster), str(c.attempts), f"{c.gpu_hours:.2f}",
+                      f"{c.gpu_hours_useful:.2f}", f"{c.gpu_hours_redone:.2f}")
+    return table
+
+
+def jobs_usage_table(jobs: list[JobUsage]) -> Table:
+    """`relaymd usage`: each job ever claimed, its GPU-hours, rate and time left."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("ID", "TITLE", "STATUS", "ATT", "GPU-H", "USEFUL", "REDONE", "NS/DAY", "ETA"):
+        table.add_column(col, no_wrap=True, overflow="ellipsis",
+                         max_width=28 if col == "TITLE" else None,
+                         justify="left" if col in ("ID", "TITLE", "STATUS") else "right")
+    for j in jobs:
+        table.add_row(j.id[:8], escape(j.title), styled(j.status), str(j.attempts),
+                      f"{j.gpu_hours:.2f}", f"{j.gpu_hours_useful:.2f}",
+                      f"{j.gpu_hours_redone:.2f}",
+                      "-" if j.ns_per_day is None else f"{j.ns_per_day:g}",
+                      duration(j.eta_seconds))
     return table

@@ -97,11 +97,13 @@ def event_from_row(row: dict[str, Any]) -> Event:
 
 
 def job_detail(job: Job, checkpoints: list[dict[str, Any]],
-               events: list[dict[str, Any]]) -> JobDetail:
+               events: list[dict[str, Any]], figures: dict[str, Any] | None = None) -> JobDetail:
+    """`figures`: the rate and compute fields (`AccountingOps.job_figures`)."""
     return JobDetail(
         **job.model_dump(),
         checkpoint_list=[checkpoint_from_row(c) for c in checkpoints],
         events=[event_from_row(e) for e in events],
+        **(figures or {}),
     )
 
 

@@ -1,17 +1,19 @@
 """Where the console's data comes from: the orchestrator in this process (`ServiceSource`) or
 one elsewhere over the API (`HttpSource`, `relaymd --connect URL`). Both hand the console light
-row tuples, so a 10,000-job table is diffed and patched, never rebuilt per change."""
+row tuples, so a 10,000-job table is diffed and patched, never rebuilt per change; clusters and
+usage come as the API's models (a few rows, read only while their view is shown)."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from relaymd.models import Job, JobDetail, Worker
+from relaymd.models import ClusterInfo, Job, JobDetail, Usage, Worker
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,8 @@ class JobRow:
     worker: str
     created_at: float
     last_checkpoint_at: float | None
+    ns_per_day: float | None = None  # the engine's latest rate
+    eta: float | None = None  # seconds left at that rate (progress in ns with a total)
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,9 @@ class WorkerRow:
     job: str
     last_heartbeat_at: float | None
     wall_time_end: float | None
+    provider_id: str = ""  # e.g. the SLURM job id of an allocation
+    note: str = ""  # a placeholder's provider state, e.g. "PENDING (Priority)"
+    registered_at: float | None = None
 
 
 def progress_of(p: dict[str, Any] | None) -> tuple[float | None, str]:
@@ -50,20 +57,37 @@ def progress_of(p: dict[str, Any] | None) -> tuple[float | None, str]:
     return None, f"{done:g} {unit}".strip()
 
 
+def rate_of(p: dict[str, Any] | None) -> tuple[float | None, float | None]:
+    """ns/day and seconds left from a progress report: the engine's own rate, and the ns still
+    to run at that rate when progress counts ns towards a total (else None)."""
+    if not p or p.get("ns_per_day") is None:
+        return None, None
+    rate = float(p["ns_per_day"])
+    if not math.isfinite(rate) or rate < 0:
+        return None, None
+    total, unit = p.get("total"), str(p.get("unit") or "").lower()
+    if rate == 0 or not total or unit != "ns" or p.get("done") is None:
+        return rate, None
+    return rate, max(0.0, float(total) - float(p["done"])) / rate * 86400
+
+
 def _ts(value: datetime | None) -> float | None:
     return value.timestamp() if value is not None else None
 
 
 def job_row(job: Job) -> JobRow:
-    done, text = progress_of(job.progress.model_dump() if job.progress else None)
+    p = job.progress.model_dump() if job.progress else None
+    done, text = progress_of(p)
     return JobRow(job.id, job.title, str(job.status), done, text, job.checkpoints,
-                  job.worker_id or "", job.created_at.timestamp(), _ts(job.last_checkpoint_at))
+                  job.worker_id or "", job.created_at.timestamp(), _ts(job.last_checkpoint_at),
+                  *rate_of(p))
 
 
 def worker_row(w: Worker) -> WorkerRow:
     gpu = f"{w.gpus}x {w.gpu_model}".strip() if w.gpus else "cpu"
     return WorkerRow(w.id, w.cluster, w.provider or "-", gpu, str(w.status), w.job_id or "",
-                     _ts(w.last_heartbeat_at), _ts(w.wall_time_end))
+                     _ts(w.last_heartbeat_at), _ts(w.wall_time_end), w.provider_id or "",
+                     w.note or "", _ts(w.registered_at))
 
 
 class Source(Protocol):
@@ -86,6 +110,15 @@ class Source(Protocol):
 
     async def submit(self, directory: Path, title: str, command: str, checkpoint: list[str],
                      gpus: int | None) -> Job: ...
+
+    async def clusters(self) -> list[ClusterInfo]:
+        """Every configured cluster, as `relaymd clusters` lists them."""
+
+    async def set_cluster_enabled(self, name: str, enabled: bool) -> ClusterInfo:
+        """Let the orchestrator request workers from cluster `name` again, or stop it."""
+
+    async def usage(self) -> Usage:
+        """GPU-hours per job and per cluster, useful and redone (`relaymd usage`)."""
 
     def subscribe(self, callback: Callable[[str, str | None], None]) -> None: ...
 
@@ -113,7 +146,7 @@ class ServiceSource:
             done, text = progress_of(p)
             out.append(JobRow(r["id"], r["title"] or "", r["status"], done, text,
                               r["checkpoints"] or 0, r["worker_id"] or "", r["created_at"],
-                              r["last_checkpoint_at"]))
+                              r["last_checkpoint_at"], *rate_of(p)))
         return out
 
     def live_progress(self) -> dict[str, dict[str, Any]] | None:
@@ -145,6 +178,19 @@ class ServiceSource:
             with Client(self.address, token) as client:
                 return submit_directory(client, directory, spec, title or None, gpus=gpus)
         return await asyncio.to_thread(run)  # the upload goes through our own API: same checks
+
+    async def clusters(self) -> list[ClusterInfo]:
+        provisioner = getattr(self.orch, "provisioner", None)
+        return [] if provisioner is None else await provisioner.overview()  # type: ignore[no-any-return]
+
+    async def set_cluster_enabled(self, name: str, enabled: bool) -> ClusterInfo:
+        provisioner = getattr(self.orch, "provisioner", None)
+        if provisioner is None:
+            raise RuntimeError(f"no cluster {name!r}: provisioning is not running")
+        return await provisioner.switch(name, enabled)  # type: ignore[no-any-return]
+
+    async def usage(self) -> Usage:
+        return await self.service.usage_report()  # type: ignore[no-any-return]
 
     def subscribe(self, callback: Callable[[str, str | None], None]) -> None:
         self.service.listeners.append(callback)
@@ -196,6 +242,16 @@ class HttpSource:
         spec = build_spec(directory, command or None, checkpoint, gpus, None)
         return await asyncio.to_thread(submit_directory, self.client, directory, spec,
                                        title or None, gpus)
+
+    async def clusters(self) -> list[ClusterInfo]:
+        return await asyncio.to_thread(self.client.clusters)  # type: ignore[no-any-return]
+
+    async def set_cluster_enabled(self, name: str, enabled: bool) -> ClusterInfo:
+        return await asyncio.to_thread(  # type: ignore[no-any-return]
+            self.client.set_cluster_enabled, name, enabled)
+
+    async def usage(self) -> Usage:
+        return await asyncio.to_thread(self.client.usage)  # type: ignore[no-any-return]
 
     def subscribe(self, callback: Callable[[str, str | None], None]) -> None:
         pass  # polled

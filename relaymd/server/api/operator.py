@@ -1,4 +1,4 @@
-"""Operator routes: jobs, workers, clusters, bootstrap tokens, health and metrics; the route
+"""Operator routes: jobs, workers, clusters, usage, bootstrap tokens, health and metrics; the route
 table says which token each needs."""
 
 from __future__ import annotations
@@ -24,7 +24,11 @@ class OperatorRoutes(ApiBase):
 
     async def metrics_text(self, request: Request) -> Response:
         jobs, workers = await self.service.counts()
-        return Response(self.metrics.render(jobs, workers), media_type=CONTENT_TYPE)
+        gpu_hours = await self.service.gpu_hours_by_cluster()
+        return Response(self.metrics.render(jobs, workers, gpu_hours), media_type=CONTENT_TYPE)
+
+    async def usage(self, request: Request) -> Response:
+        return ok(await self.service.usage_report())
 
     async def upload_bundle(self, request: Request) -> Response:
         job_id = self.job_id(request)
@@ -125,6 +129,7 @@ class OperatorRoutes(ApiBase):
                      self.enable_cluster),
             ApiRoute("POST", f"{v1}/clusters/{{name}}/disable", "disable_cluster", "operator",
                      self.disable_cluster),
+            ApiRoute("GET", f"{v1}/usage", "usage", "operator", self.usage),
             ApiRoute("GET", f"{v1}/tokens", "list_tokens", "operator", self.list_tokens),
             ApiRoute("GET", f"{v1}/tokens/{{name}}", "show_token", "operator", self.show_token),
             ApiRoute("POST", f"{v1}/tokens/{{name}}/rotate", "rotate_token", "operator",

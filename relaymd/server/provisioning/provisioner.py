@@ -7,7 +7,8 @@ One `cycle()` per `provision_interval`:
 2. each queued job is routed to the first enabled cluster, by priority (HPC before Salad by
    default), that can run it (enough GPUs, allowed by `preferred_clusters`) and still has room:
    its idle and pending workers, plus what it may still request. What HPC cannot cover
-   overflows to the next cluster. A job no enabled cluster can run gets a `queue_blocked_reason`;
+   overflows to the next cluster. A job no enabled cluster can run gets a `queue_blocked_reason`
+   (`blocked.py`) unless an idle registered worker still asking for work can take it;
 3. each cluster's strategy decides how many workers to request, and its provider does it. A
    provider's failure is logged and recorded as the cluster's last decision; the loop carries on.
    A cluster with nothing routed to it is asked to give back idle capacity.
@@ -24,11 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from relaymd.config import ClusterConfig, OrchestratorSettings
+from relaymd.config import LOCAL_CLUSTER, ClusterConfig, OrchestratorSettings
 from relaymd.models import LIVE_JOB_STATES, LIVE_WORKER_STATES, ClusterInfo, to_datetime
 from relaymd.models import WorkerStatus as W
 from relaymd.server.auth import Tokens
 from relaymd.server.provisioning.base import Provider, ProviderError, Seen
+from relaymd.server.provisioning.blocked import Offer, why_blocked
 from relaymd.server.provisioning.local import LocalProvider
 from relaymd.server.provisioning.strategies import ClusterView, Decision, decide
 from relaymd.server.service import NotFound, Service
@@ -195,6 +197,7 @@ class Provisioner:
             room[name] = idle + state.seen.pending + can_ask
         waiting: dict[str, int] = {}
         blocked: dict[str, str | None] = {}
+        reasons: dict[tuple[Any, ...], str | None] = {}  # jobs that want the same share one
         for job in queued:
             allowed = load_json(job["preferred_clusters"])
             trusted_only = bool(job.get("trusted_only"))
@@ -202,7 +205,10 @@ class Provisioner:
                     and s.gpus >= job["gpus"] and (allowed is None or n in allowed)
                     and (s.config.trusted or not trusted_only)]
             if not able:
-                blocked[job["id"]] = self.why_blocked(job["gpus"], allowed, trusted_only)
+                key = (job["gpus"], None if allowed is None else tuple(allowed), trusted_only)
+                if key not in reasons:
+                    reasons[key] = self.why_blocked(job["gpus"], allowed, trusted_only, workers)
+                blocked[job["id"]] = reasons[key]
                 continue
             target = next((n for n in able if room[n] > 0), None)
             if target is None:  # everyone able is full: it waits on the best of them
@@ -215,28 +221,24 @@ class Provisioner:
             waiting[target] = waiting.get(target, 0) + 1
         return waiting, blocked
 
-    def why_blocked(self, gpus: int, allowed: list[str] | None, trusted_only: bool = False) -> str:
-        names = [n for n in self.clusters if allowed is None or n in allowed]
-        if trusted_only:
-            untrusted = [n for n in names if not self.clusters[n].config.trusted]
-            names = [n for n in names if n not in untrusted]
-            if not names:
-                return ("trusted-only job: no trusted cluster is configured"
-                        + (f" ({', '.join(untrusted)} untrusted)" if untrusted else ""))
-        if allowed is not None:
-            unknown = [n for n in allowed if n not in self.clusters]
-            if not names:
-                return (f"preferred_clusters {', '.join(allowed)}: no such cluster is configured"
-                        if unknown else "no preferred cluster is configured")
-        enabled = [n for n in names if self.enabled(n)]
-        if not enabled:
-            scope = "of its preferred clusters " if allowed is not None else ""
-            if not names:
-                return "no cluster is configured (add one under `clusters:`, or set local_workers)"
-            return f"no {scope}cluster is enabled ({', '.join(names)} disabled)"
-        best = max(self.clusters[n].gpus for n in enabled)
-        return (f"needs {gpus} GPU(s); the enabled clusters' workers have at most {best} "
-                f"({', '.join(f'{n}: {self.clusters[n].gpus}' for n in enabled)})")
+    def trusted(self, cluster: str) -> bool:
+        """Whether a worker of `cluster` may hold a trusted-only job (the service's rule)."""
+        if self.service is not None:
+            return self.service.cluster_trusted(cluster)
+        state = self.clusters.get(cluster)
+        return bool(state.config.trusted) if state is not None else cluster == LOCAL_CLUSTER
+
+    def why_blocked(self, gpus: int, allowed: list[str] | None, trusted_only: bool = False,
+                    workers: list[dict[str, Any]] | None = None) -> str | None:
+        """Why no enabled cluster can run the job (`blocked.why_blocked`): measured against the
+        configured clusters and the registered live `workers`; None when an idle one still
+        asking for work can take it."""
+        clusters = [Offer(n, s.gpus, bool(s.config.trusted), self.enabled(n))
+                    for n, s in self.clusters.items()]
+        live = [Offer(w["cluster"] or "", w.get("gpus") or 0, self.trusted(w["cluster"] or ""),
+                      busy=w["status"] != W.idle, asking=self.spare([w]) > 0)
+                for w in workers or [] if w["status"] in LIVE_WORKER_STATES]
+        return why_blocked(gpus, allowed, trusted_only, clusters, live)
 
     # ------------------------------------------------------------------ operator
 

@@ -5,6 +5,7 @@ threads. Worker liveness (heartbeat times) and progress live in memory and are f
 store by the maintenance job: a heartbeat is not a promise that anything was saved.
 """
 
+from relaymd.server.service.accounting import AccountingOps
 from relaymd.server.service.base import (
     PENDING_BUNDLES,
     STORAGE_TIMEOUT,
@@ -23,7 +24,7 @@ __all__ = ["PENDING_BUNDLES", "STORAGE_TIMEOUT", "BadRequest", "ConflictError", 
            "NotFound", "Service", "parse_bundle_spec"]
 
 
-class Service(JobOps, FleetOps, LeaseOps, UpkeepOps):
+class Service(JobOps, FleetOps, LeaseOps, UpkeepOps, AccountingOps):
     """The orchestrator's operations, one feature per module: jobs (operator), fleet
     (registration, clusters, tokens, liveness), leases (what workers do with a job), upkeep
-    (storage). State lives in `ServiceBase`."""
+    (storage), accounting (GPU-hours, rates, ETAs). State lives in `ServiceBase`."""

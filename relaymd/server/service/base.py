@@ -92,6 +92,10 @@ class ServiceBase:
         self._priorities = {c.name: c.priority or 0 for c in self.cluster_configs.values()}
         self.last_claim: dict[str, float] = {}  # worker id -> when it last asked for work
         self._flood_logged: dict[str, float] = {}  # cluster -> when a refused flood was logged
+        # Accounting (accounting.py): job id -> its cached history and figures (an `Entry`),
+        # and worker id -> (GPUs, cluster) of the workers that ran attempts.
+        self._usage_histories: dict[str, Any] = {}
+        self._usage_workers: dict[str, tuple[int, str]] = {}
 
     def changed(self, what: str, key: str | None = None) -> None:
         for listener in self.listeners:

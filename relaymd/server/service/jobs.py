@@ -131,7 +131,8 @@ class JobOps(ServiceBase):
         cps = await self.store.aio.list_checkpoints(job_id)
         events = await self.store.aio.list_events(job_id)
         live = self._progress.get(job_id)
-        return job_detail(job_from_row(row, live[2] if live else None), cps, events)
+        figures = await self.job_figures(row, cps)
+        return job_detail(job_from_row(row, live[2] if live else None), cps, events, figures)
 
     async def cancel(self, ref: str) -> Job:
         row = await self.machine.cancel(await self.resolve(ref))

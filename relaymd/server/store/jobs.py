@@ -276,6 +276,33 @@ class JobQueries(StoreCore):
         ).fetchall()
         return [dict(r) for r in rows]
 
+    def usage_jobs(self) -> list[dict[str, Any]]:
+        """Every job ever claimed, with what tells whether its history changed (accounting)."""
+        rows = self.conn.execute(
+            "SELECT id, title, status, gpus, attempt, failures, checkpoints, latest_checkpoint, "
+            "updated_at, progress FROM jobs WHERE attempt > 0 ORDER BY rowid").fetchall()
+        return [dict(r) for r in rows]
+
+    def usage_events(self, job_ids: Sequence[str], kinds: Sequence[str]) -> list[dict[str, Any]]:
+        """These jobs' events of these kinds, oldest first (every one: no limit)."""
+        out: list[dict[str, Any]] = []
+        ids = list(job_ids)
+        marks = ", ".join("?" for _ in kinds)
+        for i in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+            chunk = ids[i:i + 500]
+            out.extend(dict(r) for r in self.conn.execute(
+                f"SELECT job_id, kind, attempt, worker_id, seq, at FROM events "
+                f"WHERE job_id IN ({', '.join('?' * len(chunk))}) AND kind IN ({marks}) "
+                "ORDER BY id", [*chunk, *kinds]).fetchall())
+        return out
+
+    def attempt_checkpoints(self, job_id: str, attempt: int) -> list[dict[str, Any]]:
+        """When each checkpoint of one attempt was accepted, and its progress."""
+        rows = self.conn.execute(
+            "SELECT created_at, progress FROM checkpoints WHERE job_id = ? AND attempt = ? "
+            "ORDER BY seq", [job_id, attempt]).fetchall()
+        return [dict(r) for r in rows]
+
     def write_progress(self, items: Iterable[tuple[str, str, int, dict[str, Any]]]) -> None:
         """Flush buffered heartbeat progress: (job_id, worker_id, attempt, progress)."""
         rows = [(dumps(p), j, w, a, *LEASED) for j, w, a, p in items]

@@ -143,6 +143,17 @@ class WorkerQueries(StoreCore):
             rows = self.conn.execute("SELECT * FROM workers ORDER BY registered_at").fetchall()
         return [dict(r) for r in rows]
 
+    def workers_gpus(self, worker_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """These workers' GPUs and cluster (accounting: who ran an attempt)."""
+        out: list[dict[str, Any]] = []
+        ids = list(worker_ids)
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            out.extend(dict(r) for r in self.conn.execute(
+                f"SELECT id, gpus, cluster FROM workers WHERE id IN ({', '.join('?' * len(chunk))})",
+                chunk).fetchall())
+        return out
+
     def count_workers_by_status(self) -> dict[str, int]:
         rows = self.conn.execute("SELECT status, COUNT(*) FROM workers GROUP BY status").fetchall()
         return {r[0]: r[1] for r in rows}
