@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from relaymd.tui.app import RelayApp  # noqa: E402
-from relaymd.tui.source import JobRow, WorkerRow  # noqa: E402
+from relaymd.tui.source import JobRow, WorkerRow, rate_of  # noqa: E402
 from tests.console_data import NOW, FixedSource, clock  # noqa: E402
 
 STATES = ("queued", "assigned", "running", "completed", "failed", "cancelled")
@@ -54,9 +54,12 @@ def rows(n_jobs: int, n_workers: int) -> tuple[list[JobRow], list[WorkerRow]]:
     for i in range(n_jobs):
         state = STATES[i % len(STATES)]
         worker = workers[i % n_workers].id if state in ("assigned", "running") else ""
+        rate = rate_of({"done": i % 100, "total": 100, "unit": "ns",
+                        "ns_per_day": 20.0 + i % 300}) if state == "running" else (None, None)
         jobs.append(JobRow(f"{i:08x}" + uuid.UUID(int=i).hex[8:], f"job-{i}", state,
                            (i % 100) / 100, f"{i % 100}/100 ns", i % 50, worker,
-                           NOW - 60 * (i % 5000), NOW - 30 * (i % 100) if i % 4 else None))
+                           NOW - 60 * (i % 5000), NOW - 30 * (i % 100) if i % 4 else None,
+                           *rate))
     return jobs, workers
 
 

@@ -145,7 +145,8 @@ async def test_a_worker_claiming_updates_both_tables_without_a_tick(
                     "the job to show assigned")
         await until(pilot, lambda: workers.row_count == 1 and
                     workers.get_row(worker_id)[1].plain == "busy", "the worker to show busy")
-        assert jobs.get_row(job["id"])[7] == "local", "the job's cluster comes from its worker"
+        assert jobs.get_cell(job["id"], "cluster") == "local", \
+            "the job's cluster comes from its worker"
 
 
 async def test_a_change_event_reads_only_the_changed_job() -> None:
@@ -206,6 +207,13 @@ async def test_connect_mode_reads_a_remote_orchestrator_over_the_api(
             await pilot.press("c", "y")
             await until(pilot, lambda: table.get_row(job_id)[2].plain == "cancelled",
                         "the cancel to show")
+            from relaymd.tui.views import ClustersView, UsageView
+
+            await pilot.press("2")  # no cluster configured: an empty list over the API
+            await until(pilot, lambda: app.query_one(ClustersView).loads > 0, "the clusters")
+            assert "no clusters" in str(app.query_one("#cluster-detail").render())
+            await pilot.press("3")
+            await until(pilot, lambda: app.query_one(UsageView).loads > 0, "the usage")
         assert (await jobs_in_store(orch))[0]["status"] == "cancelled"
 
 
@@ -223,3 +231,186 @@ async def test_a_long_jobs_table_scrolls_to_its_last_row() -> None:
         table.move_cursor(row=len(jobs) - 1)
         await until(pilot, lambda: table.scroll_y > len(jobs) - 40, "the table to scroll down")
         assert table.cursor_row == len(jobs) - 1
+
+
+async def test_escape_closes_the_details_then_clears_the_filter() -> None:
+    jobs, workers = busy_rows()
+    app = RelayApp(FixedSource(jobs, workers), poll=3600)
+    async with app.run_test(size=(120, 36)) as pilot:
+        table = app.query_one("#jobs", DataTable)
+        await until(pilot, lambda: table.row_count == len(jobs), "the first patch")
+        await pilot.press("slash", *"queued", "enter")  # the filter stays, its box closes
+        await until(pilot, lambda: table.row_count == 1, "the filter to apply")
+        await pilot.press("enter")
+        await until(pilot, app.detail_shown, "the details to open")
+        await pilot.press("escape")
+        await until(pilot, lambda: not app.detail_shown(), "escape to close the details")
+        assert table.row_count == 1, "escape cleared the filter along with the details"
+        await pilot.press("escape")
+        await until(pilot, lambda: table.row_count == len(jobs), "escape to clear the filter")
+
+
+async def test_details_at_80x24_open_below_a_jobs_table_that_keeps_its_width() -> None:
+    jobs, workers = busy_rows()
+    app = RelayApp(FixedSource(jobs, workers), poll=3600)
+    async with app.run_test(size=(80, 24)) as pilot:
+        table = app.query_one("#jobs", DataTable)
+        await until(pilot, lambda: table.row_count == len(jobs), "the first patch")
+        await pilot.press("enter")
+        detail = app.query_one("#detail")
+        await until(pilot, lambda: "checkpoints" in str(detail.render()), "the details")
+        await pilot.pause()
+        assert table.region.width == 80, table.region
+        assert detail.region.y >= table.region.bottom and detail.region.width == 80, \
+            (table.region, detail.region)
+        shown = sum(c.get_render_width(table) for c in list(table.columns.values())[:4])
+        assert shown <= table.region.width, "state and progress do not fit the jobs table"
+        assert table.region.height >= 4, "the jobs table has no rows left"
+
+
+async def test_the_view_keys_switch_views_and_each_view_keeps_its_own_keys() -> None:
+    from textual.widgets import ContentSwitcher
+
+    from relaymd.tui.views import ClustersView, UsageView
+
+    from .console_data import busy_clusters, busy_usage
+
+    jobs, workers = busy_rows()
+    app = RelayApp(FixedSource(jobs, workers, busy_clusters(), busy_usage()), poll=3600)
+    async with app.run_test(size=(120, 36)) as pilot:
+        switcher = app.query_one("#views", ContentSwitcher)
+        await until(pilot, lambda: app.query_one("#jobs", DataTable).row_count == len(jobs),
+                    "the first patch")
+        await pilot.press("2")
+        clusters = app.query_one(ClustersView)
+        await until(pilot, lambda: clusters.loads > 0, "the clusters view to load")
+        assert (app.view, switcher.current) == ("clusters", "clusters-view")
+        assert app.query_one("#clusters", DataTable).row_count == 3
+        assert app.focused is not None and app.focused.id == "clusters"
+        assert "PENDING (Priority)" in str(app.query_one("#cluster-detail").render())
+        await pilot.press("c")  # the jobs view's cancel does nothing here
+        await pilot.pause()
+        assert not isinstance(app.screen, ConfirmScreen)
+        await pilot.press("3")
+        usage = app.query_one(UsageView)
+        await until(pilot, lambda: usage.loads > 0, "the usage view to load")
+        assert (app.view, switcher.current) == ("usage", "usage-view")
+        assert app.query_one("#usage-jobs", DataTable).row_count == 4
+        assert "46.00 GPU-h" in str(app.query_one("#usage-total").render())
+        await pilot.press("1")
+        await until(pilot, lambda: switcher.current == "main", "the jobs view")
+        await pilot.press("2", "escape")
+        await until(pilot, lambda: app.view == "jobs", "escape to go back to the jobs view")
+
+
+async def test_disabling_and_enabling_a_cluster_asks_first_then_calls_the_source() -> None:
+    from relaymd.tui.views import ClustersView
+
+    from .console_data import busy_clusters
+
+    jobs, workers = busy_rows()
+    source = FixedSource(jobs, workers, busy_clusters())
+    app = RelayApp(source, poll=3600)
+    async with app.run_test(size=(120, 36)) as pilot:
+        view = app.query_one(ClustersView)
+        table = app.query_one("#clusters", DataTable)
+        await pilot.press("2")
+        await until(pilot, lambda: table.row_count == 3, "the clusters")
+        await pilot.press("d")  # delta, selected, is enabled
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the confirmation")
+        await pilot.press("n")
+        await pilot.pause()
+        assert source.switched == [], "answered no, yet the cluster was switched"
+        await pilot.press("d")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the confirmation")
+        await pilot.press("y")
+        await until(pilot, lambda: table.get_cell("delta", "on").plain == "no",
+                    "the table to show delta off")
+        assert source.switched == [("delta", False)]
+        loads = view.loads
+        await pilot.press("down", "down", "d")  # campus is off already: nothing to ask
+        await until(pilot, lambda: view.selected == "campus", "campus selected")
+        assert not isinstance(app.screen, ConfirmScreen) and view.loads == loads
+        await pilot.press("e")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the confirmation")
+        await pilot.press("y")
+        await until(pilot, lambda: table.get_cell("campus", "on").plain == "yes",
+                    "the table to show campus on")
+        assert source.switched == [("delta", False), ("campus", True)]
+
+
+async def test_clusters_and_usage_views_over_a_hosted_orchestrator(tmp_path: Path) -> None:
+    """ServiceSource: the provisioner's clusters (a placeholder's provider state shown as its
+    pending allocation), the switch, and the usage report."""
+    from relaymd.tui.views import ClustersView, UsageView
+
+    o = Orchestrator(make_settings(tmp_path / "home", clusters=[
+        {"name": "hpc", "provider": "local", "max_workers": 0}]))
+    await o.start()
+    try:
+        assert o.service is not None and o.provisioner is not None
+        placeholder = await o.service.add_placeholder("hpc", "slurm", "777", 2, "hpc:777")
+        await o.service.set_worker_note(placeholder, "PENDING (Priority)")
+        app = RelayApp(ServiceSource(o), poll=3600)
+        async with app.run_test(size=(120, 36)) as pilot:
+            await pilot.press("2")
+            detail = app.query_one("#cluster-detail")
+            await until(pilot, lambda: "PENDING (Priority)" in str(detail.render()),
+                        "the pending allocation and its reason")
+            assert "777" in str(detail.render())
+            await pilot.press("d")
+            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the confirmation")
+            await pilot.press("y")
+            await until(pilot, lambda: not o.provisioner.enabled("hpc"), "hpc disabled")
+            view = app.query_one(ClustersView)
+            await until(pilot, lambda: not view.infos["hpc"].enabled, "the view to show it")
+            await pilot.press("3")
+            usage = app.query_one(UsageView)
+            await until(pilot, lambda: usage.loads > 0, "the usage view to load")
+            assert "0.00 GPU-h" in str(app.query_one("#usage-total").render())
+    finally:
+        await o.stop()
+
+
+async def test_rows_scrolled_into_view_show_current_ages() -> None:
+    """Between the minute's sweeps only the rows on screen get their ages redrawn: a row that
+    scrolls into view is redrawn then, not up to a minute later."""
+    from bench.tui import rows
+
+    from .console_data import NOW
+
+    now = [NOW]
+    jobs, workers = rows(300, 3)
+    app = RelayApp(FixedSource(jobs, workers), clock=lambda: now[0], poll=3600)
+    async with app.run_test(size=(120, 36)) as pilot:
+        table = app.query_one("#jobs", DataTable)
+        await until(pilot, lambda: table.row_count == len(jobs), "the first patch")
+        last = jobs[-1]
+        assert table.get_cell(last.id, "age") == "4h59"  # created 299 minutes before NOW
+        now[0] += 3600
+        table.move_cursor(row=len(jobs) - 1)
+        await until(pilot, lambda: table.get_cell(last.id, "age") == "5h59",
+                    "the row scrolled into view to show its age now")
+
+
+def test_times_say_their_zone() -> None:
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from relaymd.tui.render import stamp
+
+    when = datetime(2026, 12, 5, 13, 3, 11, tzinfo=UTC)
+    assert stamp(when, timezone(timedelta(hours=1))) == "2026-12-05 14:03:11 +01:00"
+    assert stamp(when, timezone(timedelta(hours=-3, minutes=-30))) == \
+        "2026-12-05 09:33:11 -03:30"
+    assert stamp(when, UTC) == "2026-12-05 13:03:11 UTC"
+    assert stamp(when, None)[-6] in "+-", "local time without its offset"
+
+
+def test_rates_and_eta_come_from_ns_progress() -> None:
+    from relaymd.tui.source import rate_of
+
+    assert rate_of({"done": 31, "total": 50, "unit": "ns", "ns_per_day": 19}) == (19.0, 86400.0)
+    assert rate_of({"done": 31, "total": 50, "unit": "steps", "ns_per_day": 19}) == (19.0, None)
+    assert rate_of({"done": 31, "unit": "ns", "ns_per_day": 19}) == (19.0, None)
+    assert rate_of({"done": 31, "total": 50, "unit": "ns"}) == (None, None)
+    assert rate_of(None) == (None, None)

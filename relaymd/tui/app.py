@@ -1,14 +1,21 @@
-"""The operator console: live jobs, workers, one job's details and the orchestrator's log.
+"""The operator console: live jobs, workers, one job's details and the orchestrator's log;
+the clusters and usage views (views.py) a key away.
 
 Data flow: the orchestrator calls our listener after every committed change; that becomes a
 `Changed` message (bursts coalesce), and a refresh worker reads rows from the source and patches
 the tables: only rows whose rendered cells differ are touched, so 10,000 jobs cost a diff, not
 a rebuild. A slow tick (every `poll` seconds) refreshes ages and heartbeat-borne progress, and
-is the only update path for a remote (`--connect`) source.
+is the only update path for a remote (`--connect`) source. Ages are redrawn for the rows on
+screen at every tick and whenever the table scrolls (rows off screen are swept once a minute),
+so no row comes into view with a stale age.
+
+Under 120 columns (Screen class `-narrow`) the detail pane opens below a short jobs table
+instead of beside it, so the table keeps its width (state and progress stay visible).
 
 This module is the App: its state, data flow and actions. The tables and their row cells are in
 tables.py, the rich text of the header and detail pane in render.py, the messages that bring
-news in from the orchestrator and from logging in messages.py, the modal screens in screens.py.
+news in from the orchestrator and from logging in messages.py, the modal screens in screens.py,
+the clusters and usage views in views.py.
 Over 400 lines because the App's key bindings, actions and refresh paths share its state (rows
 shown, selection, last refresh); split further they would pass that state back and forth.
 """
@@ -19,6 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import replace
+from datetime import tzinfo
 from typing import Any
 
 from textual import on, work
@@ -26,14 +34,14 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Input, RichLog, Static
+from textual.widgets import ContentSwitcher, DataTable, Footer, Input, RichLog, Static
 
-from relaymd.models import WorkerStatus
+from relaymd.models import JobDetail, WorkerStatus
 from relaymd.tui.messages import Changed, LogLine
 from relaymd.tui.messages import PanelHandler as PanelHandler  # relaymd.tui.run's import
 from relaymd.tui.render import detail_text, header_text
 from relaymd.tui.screens import ConfirmScreen, HelpScreen, SubmitScreen
-from relaymd.tui.source import JobRow, Source, WorkerRow, progress_of
+from relaymd.tui.source import JobRow, Source, WorkerRow, progress_of, rate_of
 from relaymd.tui.tables import (
     JOB_COLUMNS,
     WORKER_COLUMNS,
@@ -44,28 +52,40 @@ from relaymd.tui.tables import (
     render_worker_cell,
     worker_cells,
 )
+from relaymd.tui.views import ClustersView, UsageView
+
+# Each view's container; `1`, `2`, `3` show them.
+VIEWS = {"jobs": "main", "clusters": "clusters-view", "usage": "usage-view"}
+JOB_ACTIONS = frozenset({"submit", "cancel_job", "requeue_job", "filter", "details"})
+VIEW_KEYS = Binding.Group("Views")
 
 
 class RelayApp(App[None]):
     TITLE = "RelayMD"
     CSS_PATH = "relaymd.tcss"
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]
     BINDINGS = [
         Binding("s", "submit", "Submit"),
         Binding("c", "cancel_job", "Cancel"),
         Binding("r", "requeue_job", "Requeue"),
         Binding("slash", "filter", "Filter", key_display="/"),
-        Binding("tab", "focus_next", "Panel", priority=True),
+        Binding("1", "view('jobs')", "Jobs", group=VIEW_KEYS),
+        Binding("2", "view('clusters')", "Clusters", group=VIEW_KEYS),
+        Binding("3", "view('usage')", "Usage", group=VIEW_KEYS),
+        Binding("tab", "focus_next", "Panel", priority=True, show=False),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("q", "quit_console", "Quit"),
-        Binding("escape", "clear_filter", "Clear filter", show=False),
+        Binding("escape", "back", "Close", show=False),
     ]
 
     def __init__(self, source: Source, *, clock: Callable[[], float] = time.time,
-                 poll: float = 2.0) -> None:
+                 poll: float = 2.0, tz: tzinfo | None = None) -> None:
         super().__init__()
         self.source = source
         self.clock = clock
         self.poll = poll
+        self.tz = tz  # times shown in it (None: this machine's local time), always with the zone
+        self.view = "jobs"
         self.filter_text = ""
         self._job_rows: dict[str, JobRow] = {}  # everything the source has
         self._job_cells: dict[str, tuple[Any, ...]] = {}  # what the table shows, by row key
@@ -79,6 +99,7 @@ class RelayApp(App[None]):
         self._last_sweep = 0.0
         self._ckpt_marks: list[tuple[float, int]] = []  # (time, checkpoints total) for the rate
         self.selected: str | None = None
+        self._detail: JobDetail | None = None  # the one shown, redrawn at each tick (ages)
         self.updates = 0  # table patch passes so far (benchmarks and tests read it)
         self.workers_seen = False
 
@@ -93,6 +114,11 @@ class RelayApp(App[None]):
         yield SystemCommand("Show or hide details (enter)", "Events, checkpoints, last failure",
                             self.action_details)
         yield SystemCommand("Filter jobs (/)", "By id prefix, title or state", self.action_filter)
+        for key, name, what in (("1", "jobs", "Jobs and workers, a job's details"),
+                                ("2", "clusters", "Providers, allocations, switch one on or off"),
+                                ("3", "usage", "GPU-hours used, useful and redone")):
+            yield SystemCommand(f"Show the {name} view ({key})", what,
+                                lambda name=name: self.action_view(name))
         yield SystemCommand("Help (?)", "The console's keys", self.action_help)
         yield SystemCommand("Quit the console (q)", "Workers keep running", self.action_quit_console)
 
@@ -100,14 +126,17 @@ class RelayApp(App[None]):
 
     def compose(self) -> ComposeResult:
         yield Static("", id="header")
-        with Horizontal(id="main"):
-            with Vertical(id="tables"):
-                yield JobsTable(id="jobs", cursor_type="row", zebra_stripes=True)
-                yield FixedTable(id="workers", cursor_type="row")
-            yield Static("", id="detail")
+        with ContentSwitcher(id="views", initial=VIEWS["jobs"]):
+            with Horizontal(id="main"):
+                with Vertical(id="tables"):
+                    yield JobsTable(id="jobs", cursor_type="row", zebra_stripes=True)
+                    yield FixedTable(id="workers", cursor_type="row")
+                yield Static("", id="detail")
+            yield ClustersView(self.source, self.clock, self.tz, id="clusters-view")
+            yield UsageView(self.source, self.clock, self.tz, id="usage-view")
         yield RichLog(id="log", max_lines=500, wrap=False, markup=False)
         yield Input(placeholder="filter: id prefix, title or state", id="filter")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         jobs = self.query_one("#jobs", DataTable)
@@ -121,6 +150,10 @@ class RelayApp(App[None]):
         self.refresh_jobs()
         self.set_interval(self.poll, self.tick)
         jobs.focus()
+
+    def on_resize(self) -> None:
+        # Under 100 columns the footer's room goes to the keys (ctrl+p still opens it).
+        self.query_one(Footer).show_command_palette = self.size.width >= 100
 
     # ------------------------------------------------------------------ data in
 
@@ -148,8 +181,10 @@ class RelayApp(App[None]):
             row = rows.get(job_id)
             if row is not None:
                 done, text = progress_of(p)
-                if (done, text) != (row.done, row.progress):
-                    rows[job_id] = replace(row, done=done, progress=text)
+                speed, eta = rate_of(p)
+                if (done, text, speed, eta) != (row.done, row.progress, row.ns_per_day, row.eta):
+                    rows[job_id] = replace(row, done=done, progress=text, ns_per_day=speed,
+                                           eta=eta)
                     moved.append(job_id)
         now = self.clock()
         if now - self._last_sweep >= 60:
@@ -158,17 +193,36 @@ class RelayApp(App[None]):
         else:  # what moved, and the ages an operator can see right now
             self.redraw_jobs(moved + self.visible_jobs())
         self.update_header()
+        self.poll_view(now)
+
+    def poll_view(self, now: float) -> None:
+        """The tick's share of what is shown besides the tables: the detail pane's ages, and
+        the clusters or usage view's data."""
+        if self._detail is not None and self.detail_shown():
+            self.query_one("#detail", Static).update(detail_text(self._detail, now, self.tz))
+        if self.view != "jobs":
+            self.view_widget().poll(now)
+
+    def view_widget(self) -> ClustersView | UsageView:
+        return self.query_one(f"#{VIEWS[self.view]}", ClustersView if self.view == "clusters"
+                              else UsageView)
 
     def visible_jobs(self) -> list[str]:
         table = self.query_one("#jobs", DataTable)
         first = int(table.scroll_y)
         return [str(r.key.value) for r in table.ordered_rows[first:first + table.size.height]]
 
+    @on(JobsTable.Scrolled)
+    def jobs_scrolled(self) -> None:
+        self.redraw_jobs(self.visible_jobs())  # rows come into view with their ages now
+
     def on_changed(self, message: Changed) -> None:
         if message.what == "workers":
             self.refresh_workers()
         elif message.what == "jobs":
             self.refresh_jobs()
+        if message.what in ("workers", "clusters") and self.view == "clusters":
+            self.view_widget().load()
 
     def on_log_line(self, message: LogLine) -> None:
         self.query_one("#log", RichLog).write(message.line)
@@ -261,6 +315,7 @@ class RelayApp(App[None]):
         self.query_one("#workers", FixedTable).patch(
             self._worker_cells, [*gone, *wanted.items()], [c[0] for c in WORKER_COLUMNS],
             render_worker_cell)
+        self.query_one(ClustersView).set_workers(rows)
         self.update_header()
 
     def update_header(self) -> None:
@@ -276,13 +331,13 @@ class RelayApp(App[None]):
         first_t, first_n = marks[0]
         rate = max(0, total - first_n) / ((now - first_t) / 3600) if now - first_t >= 30 else 0.0
 
-        text = header_text(self.source.address, jobs, workers, rate)
+        text = header_text(self.source.address, jobs, workers, rate, self.view)
         self.query_one("#header", Static).update(text)
 
     # ------------------------------------------------------------------ details
 
     def detail_shown(self) -> bool:
-        return self.query_one("#detail").has_class("shown")
+        return self.query_one("#main").has_class("details")
 
     @on(DataTable.RowHighlighted, "#jobs")
     def job_highlighted(self, event: DataTable.RowHighlighted) -> None:
@@ -293,6 +348,7 @@ class RelayApp(App[None]):
     @work(exclusive=True, group="detail", exit_on_error=False)
     async def load_detail(self) -> None:
         pane = self.query_one("#detail", Static)
+        self._detail = None
         if self.selected is None:
             pane.update("no job selected")
             return
@@ -301,7 +357,8 @@ class RelayApp(App[None]):
         except Exception as exc:
             pane.update(f"cannot load job {self.selected[:8]}: {exc}")
             return
-        pane.update(detail_text(d, self.clock()))
+        self._detail = d
+        pane.update(detail_text(d, self.clock(), self.tz))
 
     # ------------------------------------------------------------------ actions
 
@@ -310,10 +367,40 @@ class RelayApp(App[None]):
         self.action_details()  # enter on a row (the table keeps the key for itself)
 
     def action_details(self) -> None:
-        pane = self.query_one("#detail")
-        pane.toggle_class("shown")
-        if self.detail_shown():
+        self.show_details(not self.detail_shown())
+
+    def show_details(self, shown: bool) -> None:
+        self.query_one("#main").set_class(shown, "details")
+        self.query_one("#log").set_class(shown, "-details")  # a narrow screen lends its rows
+        if shown:
             self.load_detail()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """The jobs view's keys act (and show in the footer) only in the jobs view."""
+        return self.view == "jobs" or action not in JOB_ACTIONS
+
+    def action_view(self, name: str) -> None:
+        self.view = name
+        self.query_one("#views", ContentSwitcher).current = VIEWS[name]
+        if name == "jobs":
+            self.query_one("#jobs").focus()
+        else:
+            view = self.view_widget()
+            view.query(DataTable).last().focus()
+            view.load()
+        self.update_header()
+        self.refresh_bindings()
+
+    def action_back(self) -> None:
+        """escape: back to the jobs view; there, clear the filter being typed, else close the
+        details, else clear the filter."""
+        box = self.query_one("#filter", Input)
+        if self.view != "jobs":
+            self.action_view("jobs")
+        elif not box.has_focus and self.detail_shown():
+            self.show_details(False)
+        else:
+            self.action_clear_filter()
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())

@@ -12,7 +12,7 @@ from textual.message import Message
 
 
 class Changed(Message):
-    """The orchestrator committed a change to `what` ("jobs" or "workers")."""
+    """The orchestrator committed a change to `what` ("jobs", "workers" or "clusters")."""
 
     def __init__(self, what: str) -> None:
         super().__init__()

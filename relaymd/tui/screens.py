@@ -14,19 +14,21 @@ from textual.suggester import Suggester
 from textual.widgets import Button, Input, Label, Static
 
 HELP = """\
-[b]RelayMD console[/b]
+[b]RelayMD console[/b]   every key is also in the command palette (ctrl+p)
 
-  [b]s[/b]      submit a job directory
-  [b]c[/b]      cancel the selected job (asks first)
-  [b]r[/b]      requeue the selected job
-  [b]enter[/b]  show or hide the selected job's details
-  [b]/[/b]      filter jobs by id, title or state (escape clears)
-  [b]tab[/b]    switch between the jobs and workers tables
-  [b]?[/b]      this help
-  [b]q[/b]      quit (workers keep running and reconnect to the next orchestrator)
+  [b]1 2 3[/b]    views: jobs and workers, clusters, GPU-hours usage
+  [b]s[/b]        submit a job directory
+  [b]c[/b] / [b]r[/b]    cancel (asks first) / requeue the selected job
+  [b]enter[/b]    show or hide the selected job's details
+  [b]/[/b]        filter jobs by id, title or state
+  [b]escape[/b]   close the details, then clear the filter (other views: back)
+  [b]e[/b] / [b]d[/b]    clusters view: enable / disable the selected cluster (asks)
+  [b]tab[/b]      next table
+  [b]?[/b]        this help
+  [b]q[/b]        quit (workers keep running; they reconnect to the next one)
 
-Every key is also in the command palette (ctrl+p). Workers, SLURM jobs and
-checkpoints outlive the console: quitting only stops this orchestrator.
+Workers, SLURM jobs and checkpoints outlive the console: quitting only
+stops this orchestrator. Times are local, with their UTC offset.
 """
 
 
