@@ -90,6 +90,45 @@ print("done", flush=True)
 '''
 
 
+# An engine shaped like AToM-OpenMM: a sample line per cycle, appended and flushed at once (so
+# the outputs run ahead of the last checkpoint); a checkpoint deletes the sentinel, rewrites the
+# state in place, and creates the sentinel again; state without the sentinel is refused.
+SAMPLER = '''
+import json, os, signal, sys, time
+TOTAL, EVERY, STEP_S = int(os.environ["TOTAL"]), int(os.environ["EVERY"]), float(os.environ["STEP_S"])
+n = 0
+if os.path.exists("state.json"):
+    if not os.path.exists("ckpt_is_valid"):
+        print("Bad checkpoints", flush=True)
+        sys.exit(1)
+    with open("state.json") as fh:
+        n = json.load(fh)["n"]
+    print(f"resumed at cycle {n}", flush=True)
+out = open("samples.out", "a")
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+
+def checkpoint():
+    if os.path.exists("ckpt_is_valid"):
+        os.remove("ckpt_is_valid")
+    with open("state.json", "w") as fh:
+        json.dump({"n": n}, fh)
+    time.sleep(0.05)  # a checkpoint of several replicas takes a while
+    with open("ckpt_is_valid", "w") as fh:
+        fh.write("Checkpoint files are valid")
+
+while n < TOTAL and not stop:
+    n += 1
+    out.write(f"sample {n}\\n")
+    out.flush()
+    time.sleep(STEP_S)
+    if n % EVERY == 0:
+        checkpoint()
+checkpoint()
+sys.exit(0)
+'''
+
+
 def expected_outputs(total: int) -> dict[str, bytes]:
     traj, log, x = [], ["# streamer log\n"], 1
     for n in range(total):
@@ -107,16 +146,18 @@ def cleanup(orch: RunningOrchestrator, tmp_path: Path) -> Iterator[RunningOrches
 
 
 def submit_streamer(orch: RunningOrchestrator, tmp_path: Path, total: int, every: int,
-                    step_s: float) -> str:
+                    step_s: float, engine: str = STREAMER,
+                    spec: dict[str, Any] | None = None) -> str:
     job_id = uuid.uuid4().hex
     src = tmp_path / f"job-{job_id[:6]}"
     src.mkdir()
-    (src / "streamer.py").write_text(STREAMER)
+    (src / "engine.py").write_text(engine)
     (src / "relaymd.yaml").write_text(yaml.safe_dump({
         "command": f"TOTAL={total} EVERY={every} STEP_S={step_s} exec {sys.executable} "
-                   "streamer.py",
+                   "engine.py",
         "checkpoint": {"paths": ["state.json"], "poll_seconds": 0.1},
-        "outputs": ["traj.bin", "*.log"], "resources": {"gpus": 0}, "max_attempts": 3}))
+        "outputs": ["traj.bin", "*.log"], "resources": {"gpus": 0}, "max_attempts": 3,
+        **(spec or {})}))
     bundle = tmp_path / f"{job_id}.tar.gz"
     pack_directory(src, bundle)
     op = orch.operator()
@@ -211,6 +252,45 @@ def test_outputs_survive_kill_9_and_hand_off_byte_identical(cleanup: RunningOrch
     human = results_cli(orch, job_id, tmp_path / "human")
     assert human.returncode == 0 and "attempts stitched: 1, 2, 3, 4" in human.stdout \
         and f"checkpoint {final.seq} (1 file)" in human.stdout, human.stdout + human.stderr
+
+
+def test_samples_written_ahead_of_checkpoints_are_stitched_once(cleanup: RunningOrchestrator,
+                                                                tmp_path: Path) -> None:
+    """An engine that appends samples continuously and deletes its sentinel while it writes a
+    checkpoint (AToM-OpenMM): by the time the worker packs the set, more samples follow the
+    checkpoint. Their lengths are taken when the sentinel goes, so after kill -9s each sample is
+    in the stitched file once. Taken with the set instead, the samples between the checkpoint
+    and the packing were stored twice (the resumed attempt wrote them again)."""
+    orch = cleanup
+    total = 300
+    job_id = submit_streamer(orch, tmp_path, total=total, every=15, step_s=0.02, engine=SAMPLER,
+                             spec={"checkpoint": {"paths": ["state.json"],
+                                                  "sentinel": "ckpt_is_valid",
+                                                  "poll_seconds": 0.2},
+                                   "outputs": ["samples.out"], "max_attempts": 5})
+    op = orch.operator()
+    seq = 0
+    for i in range(2):  # two nodes die with kill -9, each after a few checkpoints
+        name = f"w{i}"
+        w = start_worker(orch, tmp_path, name, **POLLING)
+        for _ in range(2):
+            seq = wait_accepted(op, job_id, tmp_path, name, after=seq).latest_checkpoint or 0
+        assert op.get_job(job_id).status == "running", "finished before the test could kill"
+        group = engine_group(w)
+        assert group, f"no engine under worker {name} ({why(tmp_path, name)})"
+        kill_node(w, group)
+    start_worker(orch, tmp_path, "last", **POLLING)
+    finished(orch, job_id, tmp_path, "last")
+    result = results_cli(orch, job_id, tmp_path / "results", "--json")
+    assert result.returncode == 0, f"results failed: {result.stderr.strip()}"
+    summary = json.loads(result.stdout)
+    lines = (tmp_path / "results" / "samples.out").read_text().splitlines()
+    numbers = [int(line.split()[1]) for line in lines]
+    repeated = sorted({n for n in numbers if numbers.count(n) > 1})
+    assert numbers == list(range(1, total + 1)), \
+        f"{len(numbers)} samples stitched for {total} cycles: repeated {repeated[:10]}, " \
+        f"missing {sorted(set(range(1, total + 1)) - set(numbers))[:10]}"
+    assert summary["attempts"] == [1, 2, 3], summary
 
 
 def test_outputs_are_shipped_once_not_whole_at_each_checkpoint(cleanup: RunningOrchestrator,

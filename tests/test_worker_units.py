@@ -447,3 +447,40 @@ def test_an_engines_own_rate_wins_and_unreadable_files_are_no_progress(tmp_path:
     assert r.read() is None
     with pytest.raises(ValueError, match="progress_total_ns"):
         reader(tmp_path, progress_total_ns=0)
+
+
+# --------------------------------------------------------------------------- sentinel marks
+
+
+def test_output_lengths_are_marked_when_the_sentinel_is_removed(tmp_path: Path) -> None:
+    """An engine that deletes its sentinel while it checkpoints (AToM-OpenMM) and writes
+    outputs continuously: the lengths that belong to the checkpoint are those at the removal,
+    not those when the set is later packed (more samples by then)."""
+    from relaymd.worker.marks import SentinelMarks
+
+    out, sentinel = tmp_path / "samples.out", tmp_path / "ckpt_is_valid"
+    out.write_text("1\n2\n")
+    sentinel.write_text("ok")
+    marks = SentinelMarks(tmp_path, "ckpt_is_valid",
+                          lambda: {"samples.out": out.stat().st_size})
+    assert marks.start(), "inotify is not available here"
+    try:
+        assert marks.take() is None, "a mark before any checkpoint began"
+        sentinel.unlink()  # the checkpoint begins: samples 1-2 are its
+        time.sleep(0.2)  # writing the checkpoint files
+        sentinel.write_text("ok")
+        with out.open("a") as fh:
+            fh.write("3\n4\n")  # the next cycles, before the worker packs the set
+        mark = marks.take()
+        assert mark is not None and mark.exact and mark.lengths == {"samples.out": 4}, mark
+        gen = marks.generation()
+        assert marks.take() == mark, "an unshipped set keeps its mark"
+        marks.shipped(mark)
+        assert marks.take() is None, "a mark served a second set"
+        sentinel.unlink()
+        sentinel.write_text("ok")  # a new checkpoint while the last was being packed
+        assert marks.generation() == gen + 1
+        assert marks.take() is not None
+    finally:
+        marks.close()
+    assert marks._thread is not None and not marks._thread.is_alive()

@@ -86,7 +86,10 @@ class Watcher:
 
     def __init__(self, job_dir: Path, patterns: list[str], sentinel: str | None) -> None:
         self.job_dir = job_dir
-        self.patterns = patterns
+        # The sentinel travels with the set: an engine that finds its state restored without it
+        # takes the state for half-written (AToM-OpenMM: "Bad checkpoints", exit 1).
+        self.patterns = patterns + [sentinel] if sentinel and sentinel not in patterns \
+            else patterns
         self.sentinel = sentinel
         self.uploaded: Signature = {}  # the last set uploaded (or restored at start)
         self._last_look: Signature | None = None

@@ -243,13 +243,16 @@ class Worker:
                 return
             if job.spec.outputs:
                 run.outputs = OutputStream(job.id, a.attempt, job_dir, job.spec.outputs,
-                                           self.storage, self.gateway, work, resumed)
+                                           self.storage, self.gateway, work, resumed,
+                                           job.spec.checkpoint.sentinel)
             if run.stopped.is_set():  # told to go while preparing: hand it straight back
                 await self.settle("release", run, reason=self.shutdown_reason or "worker stopping")
                 return
             await self.supervise(run)
         finally:
             self.current = None
+            if run.outputs is not None:
+                run.outputs.close()
             shutil.rmtree(job_dir, ignore_errors=True)
 
     async def supervise(self, run: JobRun) -> None:

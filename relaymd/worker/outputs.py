@@ -2,7 +2,9 @@
 
 Each attempt's engine appends to fresh output files (outputs are never restored on resume). At
 each checkpoint the worker ships only the bytes added since its last upload, as a numbered part,
-up to the length stat'd when the checkpoint set was taken (that length goes into the manifest);
+up to the length stat'd when the checkpoint set was taken, or, for an engine that removes its
+sentinel while it checkpoints, when it removed it (relaymd/worker/marks.py; the length goes into
+the manifest);
 whatever remains is shipped when the job completes or is handed off. The attempt's index
 (`output_index_key`) lists every part with its offset, size and sha256, and the checkpoint this
 attempt resumed from (with that checkpoint's recorded output lengths): `relaymd results` follows
@@ -22,6 +24,7 @@ from typing import Any
 from relaymd.storage import Storage, output_index_key, output_part_key
 from relaymd.worker.checkpoint import scan
 from relaymd.worker.gateway import Gateway
+from relaymd.worker.marks import SentinelMarks
 
 log = logging.getLogger("relaymd.worker")
 CHUNK = 1 << 20
@@ -54,10 +57,14 @@ class OutputStream:
 
     def __init__(self, job_id: str, attempt: int, job_dir: Path, patterns: list[str],
                  storage: Storage, gateway: Gateway, workdir: Path,
-                 resumed_from: dict[str, Any] | None) -> None:
+                 resumed_from: dict[str, Any] | None, sentinel: str | None = None) -> None:
         self.job_id, self.attempt, self.job_dir = job_id, attempt, job_dir
         self.patterns, self.storage, self.gateway, self.workdir = (patterns, storage, gateway,
                                                                    workdir)
+        # An engine that removes its sentinel while it checkpoints: lengths at that instant.
+        self.marks = SentinelMarks(job_dir, sentinel, self.lengths) if sentinel else None
+        if self.marks is not None and not self.marks.start():
+            self.marks = None
         self.sent: dict[str, int] = {}  # path -> bytes shipped
         self.index: dict[str, Any] = {"job_id": job_id, "attempt": attempt,
                                       "resumed_from": resumed_from, "files": {}, "final": False}
@@ -65,6 +72,10 @@ class OutputStream:
     def lengths(self) -> dict[str, int]:
         """The outputs' lengths now (take them with the checkpoint set, before packing)."""
         return {rel: size for rel, (size, _) in scan(self.job_dir, self.patterns).items()}
+
+    def close(self) -> None:
+        if self.marks is not None:
+            self.marks.close()
 
     async def ship(self, lengths: dict[str, int], *, final: bool = False,
                    patience: float = 600) -> None:
