@@ -43,7 +43,7 @@ LAYERS = {
         "test_bench_storage_smoke.py", "test_bench_gpu_smoke.py", "test_binary.py", "test_disk_full.py",
         "test_storage_outage.py", "test_openmm.py", "test_hostile_workers.py",
         "test_local_provider.py", "test_tailscale.py", "test_images.py", "test_outputs.py",
-        "test_web.py", "test_bench_outputs_smoke.py",
+        "test_web.py", "test_bench_outputs_smoke.py", "test_atom.py",
     },
 }
 
