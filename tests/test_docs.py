@@ -64,3 +64,11 @@ def test_every_layered_test_file_exists() -> None:
     for layer, files in LAYERS.items():
         for name in files:
             assert (ROOT / "tests" / name).is_file(), f"LAYERS[{layer!r}] names {name}: gone?"
+
+
+def test_the_readme_atom_walkthrough_is_what_the_atom_test_runs() -> None:
+    """The README's AToM-OpenMM relaymd.yaml is tests/data/atom/relaymd.yaml, verbatim."""
+    readme = (ROOT / "README.md").read_text()
+    spec = (ROOT / "tests" / "data" / "atom" / "relaymd.yaml").read_text()
+    assert f"```yaml\n{spec}```" in readme, "README's AToM relaymd.yaml differs from the test's"
+    assert "tests/test_atom.py" in readme
