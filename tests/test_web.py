@@ -133,6 +133,9 @@ def test_web_console_logs_in_by_form_shows_jobs_and_cancels_one(
             assert (cookie["httpOnly"], cookie["sameSite"]) == (True, "Strict"), cookie
             assert token not in cookie["value"]
             wait_for(page, lambda: "checkpoints/h" in screen(), "the console's header", detail)
+            # The log pane says where it is connected (it stayed empty in connect mode).
+            wait_for(page, lambda: "connected to the orchestrator at" in screen(),
+                     "the console's own log line", detail)
             assert any(u.startswith("ws://") and "/ws?" in u for u in urls), urls
             lines = command_lines()
             assert any("console --connect" in line for line in lines), "no console process"

@@ -57,9 +57,21 @@ async def _demo(settings: OrchestratorSettings, url: str) -> None:
 
 async def run_remote(url: str, token: str) -> None:
     from relaymd.client import Client
-    from relaymd.tui.app import RelayApp
+    from relaymd.tui.app import PanelHandler, RelayApp
     from relaymd.tui.source import HttpSource
 
     with Client(url, token) as client:
         client.health()  # unreachable or refused: a plain error before the screen opens
-        await RelayApp(HttpSource(client), poll=2.0).run_async()
+        app = RelayApp(HttpSource(client), poll=2.0)
+        # The log pane shows this console's own lines (failed requests, refused actions); the
+        # orchestrator's log stays on its machine.
+        handler = PanelHandler(app)
+        root = logging.getLogger()
+        root.addHandler(handler)
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
+        logging.getLogger("relaymd").setLevel(logging.INFO)
+        try:
+            log.info("connected to the orchestrator at %s (its own log is on its machine)", url)
+            await app.run_async()
+        finally:
+            root.removeHandler(handler)
