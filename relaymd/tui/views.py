@@ -202,8 +202,8 @@ class UsageView(Vertical):
     def show(self, u: Usage) -> None:
         total = Text.assemble(("total ", "bold"),
                               gpu_hours(u.gpu_hours, u.gpu_hours_useful, u.gpu_hours_redone))
-        total.append(f"\nas of {stamp(u.at, self.tz)}; redone: run again after a resume from "
-                     "an older checkpoint", style="dim")
+        total.append(f"\nas of {stamp(u.at, self.tz)}; redone: repeated after resumes",
+                     style="dim")
         total.no_wrap, total.overflow = True, "ellipsis"
         self.query_one("#usage-total", Static).update(total)
         self._patch("#usage-clusters", self._clusters,
