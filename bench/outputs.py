@@ -24,7 +24,9 @@ mtime counts again: the outputs index is rewritten at each checkpoint; pruned ch
 seen too, as each lives until the next is accepted); per hour = scaled from the run's length.
 The worker's CPU is its own process's (not the engine's), from /proc, over the run, divided by
 the checkpoints accepted.
-The last line is `RESULT before_mb_h=.. after_mb_h=.. ratio=.. before_cpu_ms=.. after_cpu_ms=..`.
+Since re-sending grows with the trajectory, it also projects a whole hour of the job from the
+measured rates. The last line is `RESULT before_mb_h=.. after_mb_h=.. ratio=.. hour_before_gb=..
+hour_after_gb=.. before_cpu_ms=.. after_cpu_ms=..`.
 """
 
 from __future__ import annotations
@@ -191,11 +193,25 @@ def run(args: argparse.Namespace, argv: list[str], bench: OutputsBench) -> int:
               "checkpoint", flush=True)
     b, a = got["before"], got["after"]
     ratio = b["per_hour"] / a["per_hour"] if a["per_hour"] else float("inf")
-    print(f"bytes uploaded per hour: before {b['per_hour'] / 2**30:.2f} GiB, after "
-          f"{a['per_hour'] / 2**30:.2f} GiB ({ratio:.1f}x less); the shortfall grows with the "
-          "run: before re-sends the whole trajectory at every checkpoint")
+    print(f"bytes uploaded per hour over these {args.minutes:g}-minute runs: before "
+          f"{b['per_hour'] / 2**30:.2f} GiB, after {a['per_hour'] / 2**30:.2f} GiB "
+          f"({ratio:.1f}x less)")
+    # Re-sending the trajectory costs more the longer the job has run: project a whole hour
+    # from this run's measured rates (checkpoints per second, trajectory growth, and the bytes
+    # of state per checkpoint, which the after run gives: what it sent less the trajectory).
+    per_s = a["checkpoints"] / a["elapsed"]
+    growth = a["traj"] / a["elapsed"]
+    state = max(a["uploaded"] - a["traj"], 0) / max(a["checkpoints"], 1)
+    n = round(3600 * per_s)
+    before_h = sum(state + growth * k / per_s for k in range(1, n + 1))
+    after_h = n * state + growth * 3600
+    print(f"projected for one hour of this job ({n} checkpoints, from the measured rates): "
+          f"before {before_h / 2**30:.1f} GiB, after {after_h / 2**30:.2f} GiB "
+          f"({before_h / after_h:.0f}x less); the gap grows with the job's age")
     print(f"RESULT before_mb_h={b['per_hour'] / 2**20:.0f} after_mb_h={a['per_hour'] / 2**20:.0f} "
-          f"ratio={ratio:.1f} before_cpu_ms={b['cpu_ms']:.0f} after_cpu_ms={a['cpu_ms']:.0f}")
+          f"ratio={ratio:.1f} hour_before_gb={before_h / 2**30:.1f} "
+          f"hour_after_gb={after_h / 2**30:.2f} before_cpu_ms={b['cpu_ms']:.0f} "
+          f"after_cpu_ms={a['cpu_ms']:.0f}")
     return 0
 
 

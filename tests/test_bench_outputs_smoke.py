@@ -27,11 +27,13 @@ def test_outputs_benchmark_runs_and_streaming_sends_less(tmp_path: Path) -> None
     assert proc.returncode == 0, out
     assert stdout.splitlines()[0].startswith("command: "), out
     result = re.fullmatch(r"RESULT before_mb_h=(\d+) after_mb_h=(\d+) ratio=([\d.]+) "
+                          r"hour_before_gb=([\d.]+) hour_after_gb=([\d.]+) "
                           r"before_cpu_ms=(\d+) after_cpu_ms=(\d+)", stdout.splitlines()[-1])
     assert result, out
     before, after = int(result[1]), int(result[2])
     # The trajectory re-sent whole at each checkpoint costs more than sending it once.
     assert before > after > 0, out
+    assert float(result[4]) > float(result[5]) > 0, out
     for mode in ("before", "after"):
         m = re.search(rf"^  {mode} *: .* (\d+) checkpoints, trajectory ([\d.]+) MiB", stdout, re.M)
         assert m and int(m[1]) >= 3 and float(m[2]) > 0, out
