@@ -278,11 +278,9 @@ def resumed_at(output: str) -> list[int]:
 # --------------------------------------------------------------------------- runner: signals
 
 
-def test_sigterm_writes_a_checkpoint_exits_75_and_a_rerun_finishes_exactly(
-        example: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
-    total, every, report = 1000, 200, 50
-    work = job_copy(example, tmp_path / "job")
-    args = runner_args(example[1], total, every, report)
+def stopped_after_first_checkpoint(work: Path, args: list[str]) -> tuple[int, str]:
+    """Run the runner in `work`, SIGTERM it once its first periodic checkpoint is written:
+    (exit code, output)."""
     proc = start_runner(work, args)
     try:
         wait_for(lambda: (work / "checkpoint.json").exists() or proc.poll() is not None, 30,
@@ -294,7 +292,16 @@ def test_sigterm_writes_a_checkpoint_exits_75_and_a_rerun_finishes_exactly(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == EXIT_INTERRUPTED == 75, f"exit {proc.returncode} after SIGTERM: {out}"
+    return proc.returncode, out
+
+
+def test_sigterm_writes_a_checkpoint_exits_75_and_a_rerun_finishes_exactly(
+        example: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    total, every, report = 1000, 200, 50
+    work = job_copy(example, tmp_path / "job")
+    args = runner_args(example[1], total, every, report)
+    code, out = stopped_after_first_checkpoint(work, args)
+    assert code == EXIT_INTERRUPTED == 75, f"exit {code} after SIGTERM: {out}"
     m = re.search(r"SIGTERM: checkpoint written at step (\d+)", out)
     assert m, f"no 'checkpoint written' line after SIGTERM: {out!r}"
     stopped = int(m.group(1))
@@ -323,17 +330,8 @@ def test_a_resume_in_a_fresh_directory_continues_the_outputs_exactly(
     total, every, report = 1000, 200, 50
     first = job_copy(example, tmp_path / "first")
     args = runner_args(example[1], total, every, report)
-    proc = start_runner(first, args)
-    try:
-        wait_for(lambda: (first / "checkpoint.json").exists() or proc.poll() is not None, 30,
-                 "the runner's first periodic checkpoint")
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == EXIT_INTERRUPTED, f"exit {proc.returncode}: {out}"
+    code, out = stopped_after_first_checkpoint(first, args)
+    assert code == EXIT_INTERRUPTED, f"exit {code}: {out}"
     stopped = json.loads((first / "checkpoint.json").read_text())["step"]
     assert 0 < stopped < total, f"stopped at {stopped}"
     second = job_copy(example, tmp_path / "second")

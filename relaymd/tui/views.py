@@ -59,8 +59,38 @@ def add_columns(table: DataTable[Any], columns: tuple[tuple[str, str, int], ...]
         table.add_column(Text(label, justify="right") if right else label, key=key, width=width)
 
 
-class ClustersView(Vertical):
+class PolledView(Vertical):
+    """A view read from the source while it is shown: one read at a time, a failed read said
+    in place (`error_at`), the result drawn by `show`."""
+
+    what = ""  # what a failed read could not read
+    error_at = ""  # the Static that says so
+
+    async def fetch(self) -> Any:
+        raise NotImplementedError
+
+    def show(self, data: Any) -> None:
+        raise NotImplementedError
+
+    @work(group="view-read", exit_on_error=False)
+    async def load(self) -> None:
+        if self._busy:
+            return
+        self._busy = True
+        try:
+            data = await self.fetch()
+        except Exception as exc:
+            self.query_one(self.error_at, Static).update(
+                Text(f"cannot read the {self.what}: {said(exc)}", style="red"))
+            return
+        finally:
+            self._busy = False
+        self.show(data)
+
+
+class ClustersView(PolledView):
     BINDINGS = [Binding("e", "switch(True)", "Enable"), Binding("d", "switch(False)", "Disable")]
+    what, error_at = "clusters", "#cluster-detail"
 
     def __init__(self, source: Source, clock: Callable[[], float], tz: tzinfo | None,
                  **kw: Any) -> None:
@@ -83,20 +113,8 @@ class ClustersView(Vertical):
     def poll(self, now: float) -> None:
         self.load()
 
-    @work(group="clusters", exit_on_error=False)
-    async def load(self) -> None:
-        if self._busy:
-            return
-        self._busy = True
-        try:
-            infos = await self.source.clusters()
-        except Exception as exc:
-            self.query_one("#cluster-detail", Static).update(
-                Text(f"cannot read the clusters: {said(exc)}", style="red"))
-            return
-        finally:
-            self._busy = False
-        self.show(infos)
+    async def fetch(self) -> list[ClusterInfo]:
+        return await self.source.clusters()
 
     def show(self, infos: list[ClusterInfo]) -> None:
         self.infos = {c.name: c for c in infos}
@@ -159,7 +177,9 @@ class ClustersView(Vertical):
         self.load()
 
 
-class UsageView(Vertical):
+class UsageView(PolledView):
+    what, error_at = "usage", "#usage-total"
+
     def __init__(self, source: Source, clock: Callable[[], float], tz: tzinfo | None,
                  **kw: Any) -> None:
         super().__init__(**kw)
@@ -183,21 +203,9 @@ class UsageView(Vertical):
         if now - self.read_at >= USAGE_EVERY:
             self.load()
 
-    @work(group="usage", exit_on_error=False)
-    async def load(self) -> None:
-        if self._busy:
-            return
-        self._busy = True
+    async def fetch(self) -> Usage:
         self.read_at = self.clock()
-        try:
-            usage = await self.source.usage()
-        except Exception as exc:
-            self.query_one("#usage-total", Static).update(
-                Text(f"cannot read the usage: {said(exc)}", style="red"))
-            return
-        finally:
-            self._busy = False
-        self.show(usage)
+        return await self.source.usage()
 
     def show(self, u: Usage) -> None:
         total = Text.assemble(("total ", "bold"),
