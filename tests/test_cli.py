@@ -184,8 +184,12 @@ def test_job_by_prefix_shows_state_checkpoints_failure_and_history(
     w.fail(job_id, 1, exit_code=3, reason="engine crashed", log_tail="step 500\nNaN in forces")
     w2, wid2 = server.worker()
     assert w2.claim() is not None
-    w2.heartbeat(wid2, job_id, 2, Progress(done=500, total=1000, unit="steps"))
+    w2.heartbeat(wid2, job_id, 2, Progress(done=500, total=1000, unit="steps", ns_per_day=87.5))
     kinds = ["submit", "claim", "start", "checkpoint", "fail", "claim", "start"]
+    row = next(line for line in relaymd(home_of(server), "jobs").stdout.splitlines()
+               if line.startswith(job_id[:8]))
+    assert row.split()[3:6] == ["50.0%", "500/1000", "steps"] and row.split()[6] == "87.5", \
+        f"`jobs` row lacks the progress and ns/day: {row!r}"
 
     human = relaymd(home_of(server), "job", job_id[:6])
     assert human.returncode == 0, f"job PREFIX failed: {human.stderr.strip()}"
@@ -235,8 +239,8 @@ def test_jobs_lists_filters_and_prints_a_table(server: RunningOrchestrator,
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     header = lines[0].split()
-    assert header == ["ID", "TITLE", "STATUS", "PROGRESS", "ATT", "CKPT", "WORKER", "AGE", "LAST",
-                      "CKPT"], f"table header is {lines[0]!r}"
+    assert header == ["ID", "TITLE", "STATUS", "PROGRESS", "NS/DAY", "ATT", "CKPT", "WORKER",
+                      "AGE", "LAST", "CKPT"], f"table header is {lines[0]!r}"
     rows = {line.split()[0]: line for line in lines[1:] if line.strip()}
     assert set(rows) == {queued[:8], cancelled[:8]}, f"table rows: {lines[1:]}"
     assert "stays-queued" in rows[queued[:8]] and "queued" in rows[queued[:8]], rows

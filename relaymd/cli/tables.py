@@ -81,11 +81,15 @@ JOB_COLUMN_MIN = {"ID": 8, "STATUS": 9, "PROGRESS": 10, "TITLE": 8}  # what 80 c
 
 def jobs_table(jobs: list[Job]) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("ID", "TITLE", "STATUS", "PROGRESS", "ATT", "CKPT", "WORKER", "AGE", "LAST CKPT"):
+    for col in ("ID", "TITLE", "STATUS", "PROGRESS", "NS/DAY", "ATT", "CKPT", "WORKER", "AGE",
+                "LAST CKPT"):
         table.add_column(col, no_wrap=True, overflow="ellipsis", min_width=JOB_COLUMN_MIN.get(col),
-                         max_width=28 if col == "TITLE" else None)
+                         max_width=28 if col == "TITLE" else None,
+                         justify="right" if col == "NS/DAY" else "left")
     for j in jobs:
+        rate = j.progress.ns_per_day if j.progress and j.status == J.running else None
         table.add_row(j.id[:8], escape(j.title), styled(j.status), progress_text(j),
+                      "-" if rate is None else f"{rate:g}",
                       f"{j.attempt}", f"{j.checkpoints}", (j.worker_id or "-")[:8],
                       age(j.created_at), age(j.last_checkpoint_at))
     return table
