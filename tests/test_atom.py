@@ -98,20 +98,27 @@ def test_the_readme_walkthrough_survives_a_hand_off_and_a_kill_9(
 
     # Attempt 1: runs to its first checkpoint (AToM's CHECKPOINT_TIME is 20 s), shows its
     # progress in ns from the bare fraction AToM writes, then the worker is told to stop.
-    w1 = start_worker(orch, tmp_path, "w1")
+    # AToM needs about 22 s to stop (a checkpoint, then a hard-coded 20 s sleep); its shutdown
+    # runs inside its SIGTERM handler, which can deadlock on a lock the interrupted code held
+    # (seen here: no exit at all). The worker kills it when the wait is over and hands the job
+    # back with the newest complete checkpoint: 45 s keeps that bound short.
+    w1 = start_worker(orch, tmp_path, "w1", RELAYMD_SHUTDOWN_WAIT="45")
     first = wait_accepted(op, job_id, tmp_path, "w1", timeout=120)
     progress = wait_for(lambda: (p := op.get_job(job_id).progress) and p.unit == "ns" and p,
                         30, "progress in ns from AToM's progress file")
     assert progress.total == spec.progress_total_ns and 0 <= progress.done <= progress.total, \
         progress
     w1.send_signal(signal.SIGTERM)  # AToM checkpoints, sleeps 20 s and exits 1
-    assert w1.wait(90) == 0, f"worker w1 exit {w1.returncode} ({why(tmp_path, 'w1')})"
+    assert w1.wait(120) == 0, f"worker w1 exit {w1.returncode} ({why(tmp_path, 'w1')})"
     d = op.get_job(job_id)
     assert d.status == "queued" and d.failures == 0, \
         f"after the hand-off the job is {d.status}, failures {d.failures}: {d.last_failure}"
-    assert (d.latest_checkpoint or 0) > (first.latest_checkpoint or 0), \
-        "AToM's checkpoint at SIGTERM was not handed back"
-    assert "Termination signal" in engine_log(orch, job_id, 1), engine_log(orch, job_id, 1)[-500:]
+    killed = "ignored SIGTERM" in (tmp_path / "worker-w1.log").read_text()
+    if not killed:  # AToM stopped by itself: its checkpoint at SIGTERM came back with the job
+        log1 = engine_log(orch, job_id, 1)
+        assert "Termination signal" in log1, log1[-500:]
+        assert (d.latest_checkpoint or 0) > (first.latest_checkpoint or 0), \
+            "AToM's checkpoint at SIGTERM was not handed back"
 
     # Attempt 2 resumes from it (the sentinel came back with the set), checkpoints once more,
     # and its node dies with the cycles it ran since.
