@@ -83,7 +83,7 @@ def render_cluster_cell(index: int, value: Any) -> Any:
 USAGE_CLUSTER_COLUMNS = (("cluster", "CLUSTER", 14), ("attempts", "ATTEMPTS", 8),
                          ("used", "GPU-H", 8), ("useful", "USEFUL", 8), ("redone", "REDONE", 8),
                          ("share", "REDONE %", 8))
-USAGE_JOB_COLUMNS = (("id", "ID", 8), ("title", "TITLE", 14), ("status", "STATE", 9),
+USAGE_JOB_COLUMNS = (("id", "ID", 8), ("title", "TITLE", 10), ("status", "STATE", 9),
                      ("used", "GPU-H", 7), ("useful", "USEFUL", 7), ("redone", "REDONE", 7),
                      ("rate", "NS/DAY", 6), ("eta", "ETA", 5), ("attempts", "ATT", 3))
 
