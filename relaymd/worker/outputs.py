@@ -24,7 +24,7 @@ from typing import Any
 from relaymd.storage import Storage, output_index_key, output_part_key
 from relaymd.worker.checkpoint import scan
 from relaymd.worker.gateway import Gateway
-from relaymd.worker.marks import SentinelMarks
+from relaymd.worker.marks import Mark, SentinelMarks
 
 log = logging.getLogger("relaymd.worker")
 CHUNK = 1 << 20
@@ -72,6 +72,29 @@ class OutputStream:
     def lengths(self) -> dict[str, int]:
         """The outputs' lengths now (take them with the checkpoint set, before packing)."""
         return {rel: size for rel, (size, _) in scan(self.job_dir, self.patterns).items()}
+
+    def at_checkpoint(self) -> tuple[dict[str, int], Mark | None, int]:
+        """The lengths that belong to the checkpoint set about to be packed: those marked when
+        the engine removed its sentinel to write it, else the lengths now; with the mark (to
+        hand back to `shipped`) and the count of sentinel removals they were taken at (compare
+        `checkpoint_began_since` after packing)."""
+        mark = self.marks.take() if self.marks is not None else None
+        if mark is None:
+            return self.lengths(), None, self.marks.generation() if self.marks is not None else 0
+        if not mark.exact:
+            log.warning("the outputs' lengths were read after the engine had finished writing "
+                        "this checkpoint: a sample written in between would be repeated after "
+                        "a resume from it", extra={"job_id": self.job_id})
+        return mark.lengths, mark, mark.generation
+
+    def checkpoint_began_since(self, generation: int) -> bool:
+        """Has the engine removed its sentinel again (begun another checkpoint)?"""
+        return self.marks is not None and self.marks.generation() != generation
+
+    def shipped(self, mark: Mark | None) -> None:
+        """The set those lengths went with was shipped: its mark serves no other."""
+        if self.marks is not None and mark is not None:
+            self.marks.shipped(mark)
 
     def close(self) -> None:
         if self.marks is not None:

@@ -136,24 +136,15 @@ class JobFiles:
         keys; None (logged) when the set moved meanwhile or storage would not take it. The
         outputs' lengths are taken first, so they never run past the checkpoint, and their new
         bytes are shipped before the checkpoint: an accepted manifest's lengths are in storage."""
-        marks = outputs.marks if outputs is not None else None
-        mark = marks.take() if marks is not None else None
-        generation = marks.generation() if marks is not None else 0
-        if mark is not None:
-            lengths: dict[str, int] | None = mark.lengths
-            if not mark.exact:
-                log.warning("the outputs' lengths were read after the engine had finished "
-                            "writing this checkpoint: a sample written in between would be "
-                            "repeated after a resume from it", extra={"job_id": job_id})
-        else:
-            lengths = outputs.lengths() if outputs is not None else None
+        lengths, mark, generation = outputs.at_checkpoint() if outputs is not None \
+            else (None, None, 0)
         with tempfile.TemporaryDirectory(dir=self.workdir) as tmp:
             try:
                 packed = await asyncio.to_thread(watcher.pack, sig, Path(tmp) / "ckpt.tar.gz")
             except IncompleteCheckpoint as exc:
                 log.info("checkpoint set moved while packing (%s); next look", exc)
                 return None
-            if marks is not None and marks.generation() != generation:
+            if outputs is not None and outputs.checkpoint_began_since(generation):
                 log.info("the engine began another checkpoint while this one was packed; "
                          "next look")
                 return None
@@ -177,8 +168,8 @@ class JobFiles:
                 log.error("checkpoint %s upload failed: %s", reserved.seq, exc)
                 return None
             watcher.mark_uploaded(sig)
-            if marks is not None and mark is not None:
-                marks.shipped(mark)
+            if outputs is not None:
+                outputs.shipped(mark)
         return CheckpointReport(attempt=attempt, seq=reserved.seq, sha256=packed.sha256,
                                 size=packed.size, progress=progress)
 
