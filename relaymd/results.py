@@ -26,7 +26,7 @@ from relaymd.storage import (
     output_index_key,
     output_part_key,
 )
-from relaymd.storage.bundle import BundleError, extract_bundle
+from relaymd.storage.bundle import BundleError, download_checkpoint
 
 
 class StitchError(Exception):
@@ -199,13 +199,10 @@ def fetch_results(storage: Storage, detail: JobDetail, dest: Path) -> dict[str, 
         where = dest / f"checkpoint-{newest.seq}"
         if where.name in {Path(p).parts[0] for p in summary["files"]}:
             raise StitchError(f"an output is named {where.name}/, where the checkpoint goes")
-        with tempfile.TemporaryDirectory(prefix="relaymd-results-") as tmp:
-            archive = Path(tmp) / "checkpoint.tar.gz"
-            storage.get_file(newest.key, archive, expected_sha256=newest.sha256)
-            try:
-                info = extract_bundle(archive, where)
-            except BundleError as exc:
-                raise StitchError(f"checkpoint {newest.seq}: {exc}") from None
+        try:
+            info = download_checkpoint(storage, newest.key, newest.sha256, where)
+        except BundleError as exc:
+            raise StitchError(f"checkpoint {newest.seq}: {exc}") from None
         files = sorted(str(p.relative_to(where)) for p in where.rglob("*") if p.is_file())
         summary["checkpoint"] = {"seq": newest.seq, "dir": str(where.resolve()),
                                  "files": files, "members": info.members,

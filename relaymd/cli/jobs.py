@@ -219,16 +219,13 @@ def checkpoints(ctx: click.Context, job_ref: str, download: str | None, seq: int
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         die(f"{dest} exists and is not an empty directory; name another with --download DIR")
     from relaymd.storage import StorageError
-    from relaymd.storage.bundle import BundleError, extract_bundle
+    from relaymd.storage.bundle import BundleError, download_checkpoint
 
-    storage = settings_of(ctx).open_storage()
-    with tempfile.TemporaryDirectory(prefix="relaymd-ckpt-") as tmp:
-        archive = Path(tmp) / "checkpoint.tar.gz"
-        try:
-            storage.get_file(chosen.key, archive, expected_sha256=chosen.sha256)
-            info = extract_bundle(archive, dest)
-        except (StorageError, BundleError) as exc:
-            die(f"checkpoint {chosen.seq} of job {detail.id[:8]}: {exc}")
+    try:
+        info = download_checkpoint(settings_of(ctx).open_storage(), chosen.key, chosen.sha256,
+                                   dest)
+    except (StorageError, BundleError) as exc:
+        die(f"checkpoint {chosen.seq} of job {detail.id[:8]}: {exc}")
     if as_json:
         click.echo(json.dumps({"job_id": detail.id, "seq": chosen.seq, "dir": str(dest.resolve()),
                                "sha256": chosen.sha256, "members": info.members}))

@@ -14,8 +14,10 @@ import os
 import shutil
 import stat
 import tarfile
+import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from relaymd.storage.archive import (
     BundleError,
@@ -33,11 +35,15 @@ from relaymd.storage.checkpoints import (
     manifest_files,
 )
 
+if TYPE_CHECKING:
+    from relaymd.storage.base import Storage
+
 __all__ = [
     "BundleError",
     "BundleInfo",
     "BundleLimits",
     "checkpoint_refusal",
+    "download_checkpoint",
     "extract_bundle",
     "extract_checkpoint",
     "glob_matches",
@@ -211,3 +217,13 @@ def extract_bundle(
         raise
     assert info is not None
     return info
+
+
+def download_checkpoint(storage: Storage, key: str, sha256: str, dest: Path) -> BundleInfo:
+    """Fetch a stored checkpoint (sha256 checked) and unpack it into `dest` with the bundle
+    scanner (nothing but plain files inside it): what `relaymd checkpoints --download` and
+    `relaymd results` hand the operator. StorageError or BundleError when it cannot."""
+    with tempfile.TemporaryDirectory(prefix="relaymd-ckpt-") as tmp:
+        archive = Path(tmp) / "checkpoint.tar.gz"
+        storage.get_file(key, archive, expected_sha256=sha256)
+        return extract_bundle(archive, dest)
